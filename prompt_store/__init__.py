@@ -1,0 +1,47 @@
+"""softserve prompt store: the artifact contract shared by the server and the trainers."""
+
+from prompt_store.artifact import from_bytes, load, make_artifact, save, tensors_sha256, to_bytes, with_version
+from prompt_store.errors import (
+    ArtifactFormatError,
+    InvalidTaskId,
+    NotFound,
+    StoreError,
+    StoreUnavailable,
+    TooLarge,
+    UnsupportedAdapter,
+    ValidationError,
+)
+from prompt_store.methods import METHODS, get_method
+from prompt_store.task_id import TASK_ID_PATTERN, validate_task_id
+from prompt_store.types import Artifact, Fingerprint, Limits, Manifest, SoftPrompt
+from prompt_store.validation import parse_and_validate, to_serving_form, validate_artifact
+
+__all__ = [
+    "METHODS",
+    "TASK_ID_PATTERN",
+    "Artifact",
+    "ArtifactFormatError",
+    "Fingerprint",
+    "InvalidTaskId",
+    "Limits",
+    "Manifest",
+    "NotFound",
+    "SoftPrompt",
+    "StoreError",
+    "StoreUnavailable",
+    "TooLarge",
+    "UnsupportedAdapter",
+    "ValidationError",
+    "from_bytes",
+    "get_method",
+    "load",
+    "make_artifact",
+    "parse_and_validate",
+    "save",
+    "tensors_sha256",
+    "to_bytes",
+    "to_serving_form",
+    "validate_artifact",
+    "validate_task_id",
+    "with_version",
+]

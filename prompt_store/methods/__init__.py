@@ -1,0 +1,6 @@
+"""The soft-prompt methods. Importing this package registers all of them."""
+
+from prompt_store.methods import accept, gist, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401
+from prompt_store.methods.base import METHODS, Method, get_method
+
+__all__ = ["METHODS", "Method", "get_method"]
