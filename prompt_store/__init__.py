@@ -1,6 +1,14 @@
 """softserve prompt store: the artifact contract shared by the server and the trainers."""
 
-from prompt_store.artifact import from_bytes, load, make_artifact, save, tensors_sha256, to_bytes, with_version
+from prompt_store.artifact import (
+    from_bytes,
+    load,
+    make_artifact,
+    save,
+    tensors_sha256,
+    to_bytes,
+    with_version,
+)
 from prompt_store.errors import (
     ArtifactFormatError,
     InvalidTaskId,

@@ -73,7 +73,9 @@ def make_artifact(
 
 
 def with_version(artifact: Artifact, version: int) -> Artifact:
-    return Artifact(manifest=dataclasses.replace(artifact.manifest, version=version), tensors=artifact.tensors)
+    return Artifact(
+        manifest=dataclasses.replace(artifact.manifest, version=version), tensors=artifact.tensors
+    )
 
 
 def to_bytes(artifact: Artifact) -> bytes:
@@ -86,7 +88,9 @@ def _read_header(data: bytes, limits: Limits) -> dict[str, Any]:
     if len(data) > limits.max_file_bytes:
         raise TooLarge(f"artifact is {len(data)} bytes; the limit is {limits.max_file_bytes}", field="file")
     if len(data) < 8:
-        raise ArtifactFormatError("not a safetensors file: shorter than its 8-byte header length", field="file")
+        raise ArtifactFormatError(
+            "not a safetensors file: shorter than its 8-byte header length", field="file"
+        )
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > limits.max_header_bytes:
         raise ArtifactFormatError(
@@ -112,7 +116,9 @@ def _check_tensor_table(header: dict[str, Any], data_len: int, limits: Limits) -
     """Bounds, dtypes and non-overlapping offsets of every entry, checked before any tensor is built."""
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     if len(entries) > limits.max_tensors:
-        raise TooLarge(f"artifact has {len(entries)} tensors; the limit is {limits.max_tensors}", field="file")
+        raise TooLarge(
+            f"artifact has {len(entries)} tensors; the limit is {limits.max_tensors}", field="file"
+        )
     spans = []
     for name, entry in entries.items():
         if not isinstance(entry, dict):
@@ -124,7 +130,7 @@ def _check_tensor_table(header: dict[str, Any], data_len: int, limits: Limits) -
                 field=name,
             )
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and 0 <= s for s in shape)):
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
             raise ArtifactFormatError(f"tensor {name!r}: malformed shape {shape!r}", field=name)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             raise ArtifactFormatError(f"tensor {name!r}: malformed data_offsets", field=name)

@@ -20,7 +20,7 @@ def validate_task_id(task_id: object) -> str:
         shown = task_id[:80].encode("unicode_escape").decode("ascii")
         raise InvalidTaskId(
             f"task_id {shown!r} is invalid: it must match {TASK_ID_PATTERN} "
-            f"(lower-case ASCII letters, digits, '.', '_', '-'; 1 to {MAX_TASK_ID_LENGTH} characters; no '..')",
+            f"(lower-case ASCII letters, digits, '.', '_', '-'; 1 to {MAX_TASK_ID_LENGTH} chars; no '..')",
             field="task_id",
         )
     return task_id

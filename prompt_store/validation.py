@@ -9,12 +9,16 @@ from prompt_store.methods.base import require_base
 from prompt_store.types import SUPPORTED_DTYPES, Artifact, Fingerprint, Limits, SoftPrompt
 
 
-def validate_artifact(artifact: Artifact, base: Fingerprint | None = None, limits: Limits | None = None) -> None:
+def validate_artifact(
+    artifact: Artifact, base: Fingerprint | None = None, limits: Limits | None = None
+) -> None:
     """Method config, tensor names/shapes/finiteness and base-model fit. Raises a StoreError subclass."""
     limits = limits or Limits()
     manifest = artifact.manifest
     if manifest.dtype not in SUPPORTED_DTYPES:
-        raise ValidationError(f"dtype {manifest.dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}", field="dtype")
+        raise ValidationError(
+            f"dtype {manifest.dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}", field="dtype"
+        )
     method = get_method(manifest.method)
     cfg = method.parse_config(manifest.method_config)
     target = base or manifest.base_model
@@ -23,7 +27,9 @@ def validate_artifact(artifact: Artifact, base: Fingerprint | None = None, limit
     method.validate(artifact.tensors, cfg, target, limits)
 
 
-def parse_and_validate(data: bytes, base: Fingerprint | None = None, limits: Limits | None = None) -> Artifact:
+def parse_and_validate(
+    data: bytes, base: Fingerprint | None = None, limits: Limits | None = None
+) -> Artifact:
     """Bytes from an untrusted source -> a verified artifact that fits `base` (or an exception)."""
     artifact = from_bytes(data, limits)
     validate_artifact(artifact, base, limits)

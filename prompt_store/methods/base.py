@@ -34,7 +34,9 @@ class Method(Generic[C]):
         try:
             return self.config_type(**raw)
         except TypeError as exc:
-            raise ValidationError(f"{self.name}: method_config is incomplete: {exc}", field="method_config") from exc
+            raise ValidationError(
+                f"{self.name}: method_config is incomplete: {exc}", field="method_config"
+            ) from exc
 
 
 METHODS: dict[str, Method[Any]] = {}
@@ -59,13 +61,17 @@ def get_method(name: str) -> Method[Any]:
 
 def require_int(value: object, name: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValidationError(f"method_config.{name} must be an integer in [{low}, {high}], got {value!r}", field=name)
+        raise ValidationError(
+            f"method_config.{name} must be an integer in [{low}, {high}], got {value!r}", field=name
+        )
     return value
 
 
 def require_virtual_tokens(m: object, limits: Limits, name: str = "num_virtual_tokens") -> int:
     if isinstance(m, int) and not isinstance(m, bool) and m > limits.max_virtual_tokens:
-        raise TooLarge(f"{name}={m} exceeds the limit of {limits.max_virtual_tokens} virtual tokens", field=name)
+        raise TooLarge(
+            f"{name}={m} exceeds the limit of {limits.max_virtual_tokens} virtual tokens", field=name
+        )
     return require_int(m, name, 1, limits.max_virtual_tokens)
 
 
@@ -94,4 +100,6 @@ def require_shape(tensors: Tensors, name: str, shape: tuple[int, ...]) -> torch.
 def require_base(artifact_base: Fingerprint, base: Fingerprint) -> None:
     problems = base.mismatches(artifact_base)
     if problems:
-        raise ValidationError("artifact does not fit this base model: " + "; ".join(problems), field="base_model")
+        raise ValidationError(
+            "artifact does not fit this base model: " + "; ".join(problems), field="base_model"
+        )

@@ -63,4 +63,6 @@ def embedding_serving_form(tensors: Tensors, cfg: GistEmbeddingConfig) -> SoftPr
 
 
 METHOD = register(Method("gist", GistConfig, validate, to_serving_form))
-EMBEDDING_METHOD = register(Method("gist_embedding", GistEmbeddingConfig, validate_embedding, embedding_serving_form))
+EMBEDDING_METHOD = register(
+    Method("gist_embedding", GistEmbeddingConfig, validate_embedding, embedding_serving_form)
+)

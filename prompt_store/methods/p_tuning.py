@@ -8,7 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prompt_store.errors import ValidationError
-from prompt_store.methods.base import Method, Tensors, register, require_shape, require_tensors, require_virtual_tokens
+from prompt_store.methods.base import (
+    Method,
+    Tensors,
+    register,
+    require_shape,
+    require_tensors,
+    require_virtual_tokens,
+)
 from prompt_store.types import Fingerprint, Limits, SoftPrompt
 
 ENCODER_TYPES = ("mlp", "lstm")
