@@ -1,0 +1,113 @@
+"""Task management: upload (artifact or PEFT adapter), list, inspect, delete."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import zipfile
+from typing import Annotated
+
+from fastapi import APIRouter, File, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from prompt_store import Artifact, parse_and_validate, validate_task_id
+from prompt_store.backends import ChangeEvent, TaskInfo
+from prompt_store.peft_import import import_peft_files
+from server.deps import AdminKey, ApiKey, StateDep
+from server.errors import BadRequest, BodyTooLarge
+from server.schemas import TaskList, TaskResponse
+from server.state import ServerState
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_ZIP_MEMBERS = 16
+
+
+def _task_response(info: TaskInfo) -> TaskResponse:
+    return TaskResponse(
+        task_id=info.task_id,
+        version=info.version,
+        method=info.method,
+        sha256=info.sha256,
+        created_at=info.created_at,
+        versions=list(info.versions),
+    )
+
+
+def _unzip(data: bytes, max_bytes: int) -> dict[str, bytes]:
+    """Members of a zipped PEFT adapter by base name; sizes bounded before anything is inflated."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise BadRequest(f"file is not a valid zip archive: {exc}", field="file") from exc
+    members = [i for i in archive.infolist() if not i.is_dir()]
+    if len(members) > MAX_ZIP_MEMBERS:
+        raise BadRequest(f"zip has {len(members)} files; the limit is {MAX_ZIP_MEMBERS}", field="file")
+    total = sum(i.file_size for i in members)
+    if total > max_bytes:
+        raise BodyTooLarge(f"zip inflates to {total} bytes; the limit is {max_bytes}", field="file")
+    wanted = {i.filename.rsplit("/", 1)[-1]: i for i in members if i.filename.rsplit("/", 1)[-1] in PEFT_FILES}
+    return {name: archive.read(info) for name, info in wanted.items()}
+
+
+def parse_upload(state: ServerState, task_id: str, files: dict[str, bytes]) -> Artifact:
+    """One safetensors artifact, or a PEFT adapter (two files or a zip) -> a validated artifact for task_id."""
+    base, limits = state.runner.fingerprint, state.limits
+    if len(files) == 1:
+        name, data = next(iter(files.items()))
+        if data[:4] == b"PK\x03\x04":
+            files = _unzip(data, state.settings.max_body_bytes)
+        elif name != "adapter_model.safetensors":
+            artifact = parse_and_validate(data, base, limits)
+            if artifact.task_id != task_id:
+                manifest = dataclasses.replace(artifact.manifest, task_id=task_id)
+                artifact = Artifact(manifest=manifest, tensors=artifact.tensors)
+            return artifact
+    if set(PEFT_FILES) <= set(files):
+        return import_peft_files(files, task_id, base, limits)
+    raise BadRequest(
+        "upload one softserve .safetensors artifact, or a PEFT adapter: adapter_config.json + "
+        f"adapter_model.safetensors (as two files or one zip); got {sorted(files)}",
+        field="file",
+    )
+
+
+def store_upload(state: ServerState, task_id: str, files: dict[str, bytes]) -> TaskInfo:
+    artifact = parse_upload(state, task_id, files)
+    version = state.store.put(artifact)
+    # This replica switches at once; others follow through the store's watch().
+    state.cache.apply(ChangeEvent(task_id=task_id, version=version, sha256=artifact.sha256))
+    state.metrics.uploads.labels(method=artifact.manifest.method).inc()
+    return state.store.info(task_id)
+
+
+@router.put("/{task_id:path}", status_code=201, dependencies=[AdminKey])
+async def put_task(
+    task_id: str, file: Annotated[list[UploadFile], File(description="artifact or PEFT adapter files")], state: StateDep
+) -> TaskResponse:
+    """Upload a new version of a task. A rejected upload leaves the previous version serving."""
+    validate_task_id(task_id)
+    files: dict[str, bytes] = {}
+    for upload in file:
+        name = (upload.filename or "file").rsplit("/", 1)[-1]
+        files[name] = await upload.read()
+    info = await run_in_threadpool(store_upload, state, task_id, files)
+    return _task_response(info)
+
+
+@router.get("", dependencies=[ApiKey])
+def list_tasks(state: StateDep) -> TaskList:
+    return TaskList(tasks=[_task_response(i) for i in state.store.list()])
+
+
+@router.get("/{task_id:path}", dependencies=[ApiKey])
+def get_task(task_id: str, state: StateDep) -> TaskResponse:
+    return _task_response(state.store.info(validate_task_id(task_id)))
+
+
+@router.delete("/{task_id:path}", status_code=204, dependencies=[AdminKey])
+def delete_task(task_id: str, state: StateDep) -> Response:
+    state.store.delete(validate_task_id(task_id))
+    state.cache.apply(ChangeEvent(task_id=task_id, version=0))
+    return Response(status_code=204)

@@ -1,0 +1,108 @@
+"""Request and response models of the HTTP API, with explicit bounds."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from prompt_store import TASK_ID_PATTERN
+
+HARD_MAX_NEW_TOKENS = 8192  # schema bound; the configured cap (SOFTSERVE_MAX_NEW_TOKENS) is checked too
+MAX_PROMPT_CHARS = 1_000_000
+MAX_STOP = 8
+
+TaskIdField = Annotated[str, Field(pattern=TASK_ID_PATTERN, max_length=64, description="task id, or 'base'")]
+StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=MAX_STOP)]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(64, ge=1, le=HARD_MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=100_000, description="0 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopList = Field(default_factory=list)
+
+
+class GenerateRequest(SamplingFields):
+    task_id: TaskIdField | None = None
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    virtual_tokens: int
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    queue_ms: float | None = None
+    time_to_first_token_ms: float | None
+    total_ms: float
+
+
+class GenerateResponse(BaseModel):
+    task_id: str
+    task_version: int
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+
+
+class TaskResponse(BaseModel):
+    task_id: str
+    version: int
+    method: str
+    sha256: str
+    created_at: str
+    versions: list[int] = Field(default_factory=list)
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskResponse]
+
+
+# ---- OpenAI-compatible ---------------------------------------------------------------------------------------
+
+
+class OpenAIBase(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: TaskIdField = Field("base", description="task id; 'base' = the bare model")
+    max_tokens: int = Field(64, ge=1, le=HARD_MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | StopList | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(OpenAIBase):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class ChatCompletionRequest(OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
