@@ -105,8 +105,11 @@ def _read_header(data: bytes, limits: Limits) -> dict[str, Any]:
         raise ArtifactFormatError("not a safetensors file: header is not a JSON object", field="file")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactFormatError(f"not a safetensors file: header is not valid JSON ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: a deeply nested header (`{"a":[[[[...`) fits in the byte limit but not the stack.
+        raise ArtifactFormatError(
+            f"not a safetensors file: header is not valid JSON ({exc})", field="file"
+        ) from exc
     if not isinstance(header, dict):
         raise ArtifactFormatError("not a safetensors file: header is not a JSON object", field="file")
     return header
@@ -161,11 +164,15 @@ def _parse_manifest(meta: dict[str, Any], limits: Limits) -> Manifest:
         raise TooLarge(f"manifest is {len(raw)} characters; the limit is {limits.max_manifest_chars}")
     try:
         d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise ArtifactFormatError("manifest must be a JSON object", field="manifest")
         if int(d["format_version"]) != FORMAT_VERSION:
             raise ArtifactFormatError(
                 f"format_version {d['format_version']} is not supported (this build reads {FORMAT_VERSION})",
                 field="format_version",
             )
+        if not isinstance(d["base_model"], dict):
+            raise ArtifactFormatError("manifest.base_model must be an object", field="base_model")
         if not isinstance(d["method_config"], dict):
             raise ArtifactFormatError("manifest.method_config must be an object", field="method_config")
         return Manifest(
@@ -180,7 +187,7 @@ def _parse_manifest(meta: dict[str, Any], limits: Limits) -> Manifest:
             notes=str(d.get("notes", "")),
             format_version=FORMAT_VERSION,
         )
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise ArtifactFormatError(f"manifest is malformed: {exc!s}", field="manifest") from exc
 
 
