@@ -1,0 +1,329 @@
+"""DiskStore: the embedded default backend, a directory tree of immutable safetensors files.
+
+Layout under `root`:
+
+    tasks/<task_id>/v<N>.safetensors   immutable version N (manifest.version == N)
+    tasks/<task_id>/CURRENT            "<N> <sha256>\\n", flipped by temp file + fsync + rename
+    locks/<task_id>.lock               fcntl.flock lock serialising put/delete of one task
+
+Every write goes through a temp file in the same directory, fsync, os.replace, then an fsync of the
+directory, so a reader sees either the old or the new file, never a partial one. Version numbers are
+assigned under the task lock (max existing + 1), so concurrent writers, threads or processes, never
+reuse a number and CURRENT always names the highest committed version. Deleting renames the task
+directory to a dot-prefixed tombstone first, so the task disappears atomically for readers.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from prompt_store.artifact import (
+    METADATA_KEY,
+    _parse_manifest,
+    _read_header,
+    load,
+    tensors_sha256,
+    to_bytes,
+    with_version,
+)
+from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
+from prompt_store.errors import ArtifactFormatError, NotFound, StoreError, StoreUnavailable, TooLarge
+from prompt_store.task_id import validate_task_id
+from prompt_store.types import Artifact, Limits, Manifest
+from prompt_store.validation import validate_artifact
+
+CURRENT = "CURRENT"
+_SUFFIX = ".safetensors"
+
+# A pointer as read from CURRENT: (version, sha256).
+Pointer = tuple[int, str]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory, fsync, rename, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _parse_pointer(text: str, path: Path) -> Pointer:
+    parts = text.split()
+    if len(parts) != 2 or not parts[0].isdigit():
+        raise StoreError(f"corrupt pointer file {path}: {text[:80]!r}")
+    return int(parts[0]), parts[1]
+
+
+def read_manifest(path: Path, limits: Limits) -> Manifest:
+    """The manifest of an artifact file, read from its safetensors header only (no tensor bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ArtifactFormatError(f"{path.name}: shorter than its 8-byte header length", field="file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > limits.max_header_bytes:
+            raise ArtifactFormatError(f"{path.name}: header of {header_len} bytes is over the limit")
+        raw = f.read(header_len)
+    header = _read_header(head + raw, limits)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or METADATA_KEY not in meta:
+        raise ArtifactFormatError(f"{path.name}: no softserve manifest in the header", field="manifest")
+    return _parse_manifest(meta, limits)
+
+
+def check_artifact(artifact: Artifact, limits: Limits) -> None:
+    """What every backend checks before storing: method validity, size, and a sha256 that matches."""
+    validate_artifact(artifact, None, limits)
+    if artifact.nbytes() > limits.max_file_bytes:
+        raise TooLarge(f"artifact has {artifact.nbytes()} tensor bytes; the limit is {limits.max_file_bytes}")
+    if tensors_sha256(artifact.tensors) != artifact.sha256:
+        raise ArtifactFormatError("manifest sha256 does not match the tensors", field="sha256")
+
+
+def serialise(artifact: Artifact, version: int, limits: Limits) -> bytes:
+    """The stored bytes of an artifact: its safetensors file with manifest.version set."""
+    data = to_bytes(with_version(artifact, version))
+    if len(data) > limits.max_file_bytes:
+        raise TooLarge(f"artifact is {len(data)} bytes; the limit is {limits.max_file_bytes}", field="file")
+    return data
+
+
+def stop_event(stop: object | None) -> threading.Event:
+    """The `stop` argument of Store.watch as an Event (a fresh, never-set one when None)."""
+    if stop is None:
+        return threading.Event()
+    if not isinstance(stop, threading.Event):
+        raise TypeError(f"stop must be a threading.Event, got {type(stop).__name__}")
+    return stop
+
+
+class DiskStore(Store):
+    """Versioned artifact store in a local (or shared POSIX) directory."""
+
+    def __init__(self, root: str | os.PathLike[str], limits: Limits | None = None) -> None:
+        self.root = Path(root)
+        self.limits = limits or Limits()
+        self._tasks = self.root / "tasks"
+        self._locks = self.root / "locks"
+        self._tasks.mkdir(parents=True, exist_ok=True)
+        self._locks.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"DiskStore({str(self.root)!r})"
+
+    # ---- paths -------------------------------------------------------------------------------------------
+
+    def _task_dir(self, task_id: str) -> Path:
+        return self._tasks / task_id
+
+    def _version_path(self, task_id: str, version: int) -> Path:
+        return self._task_dir(task_id) / f"v{version}{_SUFFIX}"
+
+    def _versions(self, task_id: str) -> list[int]:
+        """Every stored version number of a task, ascending (empty when the task does not exist)."""
+        try:
+            names = os.listdir(self._task_dir(task_id))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            stem = name[1 : -len(_SUFFIX)] if name.startswith("v") and name.endswith(_SUFFIX) else ""
+            if stem.isdigit():
+                out.append(int(stem))
+        return sorted(out)
+
+    def _pointer(self, task_id: str) -> Pointer:
+        path = self._task_dir(task_id) / CURRENT
+        try:
+            return _parse_pointer(path.read_text(encoding="ascii"), path)
+        except FileNotFoundError:
+            raise NotFound(f"task {task_id!r} not found", field="task_id") from None
+
+    @contextlib.contextmanager
+    def _task_lock(self, task_id: str) -> Iterator[None]:
+        """Exclusive per-task lock across threads and processes (flock on a per-task lock file).
+
+        delete() unlinks the lock file while holding it; a waiter that then wakes up on the orphaned
+        inode notices the path now names another (or no) file and retries on the new one.
+        """
+        path = self._locks / f"{task_id}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    yield
+                    return
+            finally:
+                os.close(fd)  # closing the descriptor releases the flock
+
+    # ---- Store API ---------------------------------------------------------------------------------------
+
+    def put(self, artifact: Artifact) -> int:
+        """Store a new immutable version and make it current; returns the assigned version number."""
+        task_id = validate_task_id(artifact.task_id)
+        check_artifact(artifact, self.limits)
+        with self._io(), self._task_lock(task_id):
+            task_dir = self._task_dir(task_id)
+            task_dir.mkdir(exist_ok=True)
+            self._remove_orphan_temps(task_dir)
+            version = max(self._versions(task_id), default=0) + 1
+            data = serialise(artifact, version, self.limits)
+            _atomic_write(self._version_path(task_id, version), data)
+            pointer = f"{version} {artifact.sha256}\n".encode("ascii")
+            _atomic_write(task_dir / CURRENT, pointer)
+        return version
+
+    def get(self, task_id: str, version: int | None = None) -> Artifact:
+        """The current (or the given) version, sha256-verified; raises NotFound."""
+        validate_task_id(task_id)
+        with self._io():
+            if version is None:
+                version, _ = self._pointer(task_id)
+            path = self._version_path(task_id, version)
+            try:
+                artifact = load(path, self.limits)
+            except FileNotFoundError:
+                raise NotFound(f"task {task_id!r} has no version {version}", field="version") from None
+        if artifact.task_id != task_id or artifact.version != version:
+            raise ArtifactFormatError(
+                f"{path} holds {artifact.task_id!r} v{artifact.version}, expected {task_id!r} v{version}"
+            )
+        return artifact
+
+    def info(self, task_id: str) -> TaskInfo:
+        """Metadata of the current version, read from the file header only; raises NotFound."""
+        validate_task_id(task_id)
+        with self._io():
+            version, sha = self._pointer(task_id)
+            try:
+                manifest = read_manifest(self._version_path(task_id, version), self.limits)
+            except FileNotFoundError:
+                raise NotFound(f"task {task_id!r} not found", field="task_id") from None
+            versions = tuple(self._versions(task_id))
+        return TaskInfo(
+            task_id=task_id,
+            version=version,
+            method=manifest.method,
+            sha256=sha,
+            created_at=manifest.created_at,
+            versions=versions,
+        )
+
+    def list(self) -> list[TaskInfo]:
+        """Every task with a current version, sorted by task id."""
+        out = []
+        for task_id in self._task_ids():
+            with contextlib.suppress(NotFound):
+                out.append(self.info(task_id))
+        return out
+
+    def delete(self, task_id: str) -> None:
+        """Remove the task and all its versions (atomically for readers); raises NotFound."""
+        validate_task_id(task_id)
+        with self._io(), self._task_lock(task_id):
+            task_dir = self._task_dir(task_id)
+            if not task_dir.is_dir():
+                raise NotFound(f"task {task_id!r} not found", field="task_id")
+            tomb = self._tasks / f".deleted-{task_id}-{uuid.uuid4().hex[:8]}"
+            os.replace(task_dir, tomb)
+            _fsync_dir(self._tasks)
+            shutil.rmtree(tomb, ignore_errors=True)
+            (self._locks / f"{task_id}.lock").unlink(missing_ok=True)
+
+    def watch(self, stop: object | None = None, poll_interval: float = 1.0) -> Iterator[ChangeEvent]:
+        """Poll the CURRENT pointers every `poll_interval` s and yield one event per change.
+
+        The state when iteration starts is the baseline (no events for it). A vanished task yields
+        version 0. The iterator ends once `stop` is set.
+        """
+        event = stop_event(stop)
+        stats: dict[str, tuple[int, int]] = {}  # task -> (inode, mtime_ns) of CURRENT
+        seen = self._scan(stats, {})
+        while not event.wait(poll_interval):
+            fresh = self._scan(stats, seen)
+            for task_id in sorted(seen.keys() - fresh.keys()):
+                yield ChangeEvent(task_id, 0, "")
+            for task_id, pointer in sorted(fresh.items()):
+                if seen.get(task_id) != pointer:
+                    yield ChangeEvent(task_id, pointer[0], pointer[1])
+            seen = fresh
+
+    def ping(self) -> None:
+        if not (self._tasks.is_dir() and os.access(self._tasks, os.W_OK | os.X_OK)):
+            raise StoreUnavailable(f"store directory {self._tasks} is missing or not writable")
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _io() -> Iterator[None]:
+        """Map unexpected file-system failures to StoreUnavailable (expected misses are NotFound)."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise StoreUnavailable(f"disk store I/O failed: {exc}") from exc
+
+    def _task_ids(self) -> builtins.list[str]:
+        try:
+            names = os.listdir(self._tasks)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith("."))
+
+    def _scan(self, stats: dict[str, tuple[int, int]], previous: dict[str, Pointer]) -> dict[str, Pointer]:
+        """Current pointers of all tasks; re-reads a CURRENT file only when its inode or mtime changed."""
+        out: dict[str, Pointer] = {}
+        for task_id in self._task_ids():
+            path = self._tasks / task_id / CURRENT
+            try:
+                st = os.stat(path)
+                stamp = (st.st_ino, st.st_mtime_ns)
+                if stats.get(task_id) == stamp and task_id in previous:
+                    out[task_id] = previous[task_id]
+                    continue
+                out[task_id] = _parse_pointer(path.read_text(encoding="ascii"), path)
+                stats[task_id] = stamp
+            except (OSError, StoreError):
+                stats.pop(task_id, None)
+        for gone in stats.keys() - out.keys():
+            del stats[gone]
+        return out
+
+    @staticmethod
+    def _remove_orphan_temps(task_dir: Path) -> None:
+        """Temp files left by a crashed writer (only ever called under the task lock)."""
+        for leftover in task_dir.glob(".tmp-*"):
+            leftover.unlink(missing_ok=True)

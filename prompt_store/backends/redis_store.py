@@ -1,0 +1,430 @@
+"""RedisStore: artifacts shared by every replica through one Redis.
+
+Per task (key names are built only in `Keys`):
+
+    {p}:task:{id}:blob:{sha}     the safetensors bytes (manifest.version 0), deduplicated by tensor sha256
+    {p}:task:{id}:blobs          set of the task's blob shas (so delete finds them)
+    {p}:task:{id}:manifest:{N}   JSON manifest of version N (immutable)
+    {p}:task:{id}:versions       set of version numbers
+    {p}:task:{id}:seq            version counter (INCR)
+    {p}:task:{id}:current        hash {version, sha256}: the current pointer
+    {p}:tasks                    set of task ids with a current pointer
+    {p}:events                   pub/sub channel: {"task_id", "version", "sha256"} (version 0 = deleted)
+
+A put reserves a number with INCR, then in one MULTI/EXEC writes blob + manifest and runs a Lua
+compare-and-set that moves the pointer only forward and PUBLISHes the change, so a slow writer never
+overwrites a newer pointer and readers only ever see complete versions.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.client import Pipeline, PubSub
+from redis.retry import Retry
+
+from prompt_store.artifact import METADATA_KEY, _parse_manifest, from_bytes, with_version
+from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
+from prompt_store.backends.disk import Pointer, check_artifact, serialise, stop_event
+from prompt_store.errors import ArtifactFormatError, InvalidTaskId, NotFound, StoreUnavailable
+from prompt_store.task_id import validate_task_id
+from prompt_store.types import Artifact, Limits
+
+log = logging.getLogger(__name__)
+
+# KEYS: current, tasks, seq. ARGV: version, sha256, task_id, event JSON, channel.
+# Returns 1 when the pointer moved to ARGV[1], 0 when an equal or newer version is already current.
+_SET_CURRENT_LUA = """
+local v = tonumber(ARGV[1])
+local seq = tonumber(redis.call('GET', KEYS[3]) or '0')
+if seq < v then redis.call('SET', KEYS[3], v) end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if v <= cur then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'sha256', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[4])
+return 1
+"""
+
+Client = redis.Redis | Pipeline
+
+
+class Keys:
+    """Every Redis key and channel name the store uses, in one place."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.tasks = f"{prefix}:tasks"
+        self.events = f"{prefix}:events"
+
+    def _task(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    def blob(self, task_id: str, sha256: str) -> str:
+        return f"{self._task(task_id)}:blob:{sha256}"
+
+    def blobs(self, task_id: str) -> str:
+        return f"{self._task(task_id)}:blobs"
+
+    def manifest(self, task_id: str, version: int) -> str:
+        return f"{self._task(task_id)}:manifest:{version}"
+
+    def versions(self, task_id: str) -> str:
+        return f"{self._task(task_id)}:versions"
+
+    def seq(self, task_id: str) -> str:
+        return f"{self._task(task_id)}:seq"
+
+    def current(self, task_id: str) -> str:
+        return f"{self._task(task_id)}:current"
+
+
+@contextlib.contextmanager
+def _io() -> Iterator[None]:
+    """Map connection-level Redis failures to StoreUnavailable."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(f"redis is unreachable: {exc}") from exc
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def _pointer(raw: dict[Any, Any]) -> Pointer | None:
+    """Decode HGETALL of a current pointer ({} when missing)."""
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    if not fields.get("version", "").isdigit():
+        return None
+    return int(fields["version"]), fields.get("sha256", "")
+
+
+class RedisStore(Store):
+    """Versioned artifact store in Redis, with pub/sub change events."""
+
+    def __init__(
+        self,
+        url: str,
+        limits: Limits | None = None,
+        prefix: str = "softserve",
+        client: redis.Redis | None = None,
+        pubsub: bool = True,
+    ) -> None:
+        """`client` (bytes responses, decode_responses=False) overrides `url`; no I/O happens here.
+
+        `pubsub=False` makes watch() rely on polling alone.
+        """
+        self.url = url
+        self.limits = limits or Limits()
+        self.keys = Keys(prefix)
+        self.use_pubsub = pubsub
+        self._owns_client = client is None
+        if client is None:
+            client = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=5,
+                socket_timeout=30,
+                health_check_interval=30,
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            )
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("RedisStore needs a client with decode_responses=False (blobs are bytes)")
+        self.client = client
+        self._set_current = client.register_script(_SET_CURRENT_LUA)
+
+    def __repr__(self) -> str:
+        return f"RedisStore(prefix={self.keys.prefix!r})"
+
+    # ---- write helpers: each runs now, or queues on the caller's pipeline ------------------------------
+
+    def write_blob(self, task_id: str, sha256: str, data: bytes, pipeline: Pipeline | None = None) -> None:
+        """Store artifact bytes under their sha256 (kept if already there) and index them on the task."""
+        validate_task_id(task_id)
+        with self._pipe(pipeline) as pipe:
+            pipe.set(self.keys.blob(task_id, sha256), data, nx=True)
+            pipe.sadd(self.keys.blobs(task_id), sha256)
+
+    def write_manifest(
+        self, task_id: str, version: int, manifest_json: str, pipeline: Pipeline | None = None
+    ) -> None:
+        """Store the immutable manifest of one version."""
+        validate_task_id(task_id)
+        with self._pipe(pipeline) as pipe:
+            pipe.set(self.keys.manifest(task_id, version), manifest_json)
+            pipe.sadd(self.keys.versions(task_id), version)
+
+    def set_current(
+        self, task_id: str, version: int, sha256: str, pipeline: Pipeline | None = None
+    ) -> bool | None:
+        """Compare-and-set the current pointer forward to `version`, publishing the change.
+
+        Returns whether it moved (None when queued on a caller's pipeline).
+        """
+        validate_task_id(task_id)
+        k = self.keys
+        event = json.dumps({"task_id": task_id, "version": version, "sha256": sha256})
+        keys = [k.current(task_id), k.tasks, k.seq(task_id)]
+        args = [version, sha256, task_id, event, k.events]
+        with _io():
+            result = self._set_current(keys=keys, args=args, client=pipeline or self.client)
+        return None if pipeline is not None else bool(result)
+
+    def publish(self, event: ChangeEvent, pipeline: Pipeline | None = None) -> None:
+        """Announce a change on the events channel."""
+        validate_task_id(event.task_id)
+        message = json.dumps({"task_id": event.task_id, "version": event.version, "sha256": event.sha256})
+        with self._pipe(pipeline) as pipe:
+            pipe.publish(self.keys.events, message)
+
+    # ---- Store API ---------------------------------------------------------------------------------------
+
+    def put(self, artifact: Artifact) -> int:
+        """Store a new immutable version; it becomes current unless a newer one already is."""
+        task_id = validate_task_id(artifact.task_id)
+        check_artifact(artifact, self.limits)
+        blob = serialise(artifact, 0, self.limits)
+        with _io():
+            version = int(self.client.incr(self.keys.seq(task_id)))
+            manifest_json = json.dumps(with_version(artifact, version).manifest.to_dict(), sort_keys=True)
+            with self.client.pipeline(transaction=True) as pipe:
+                self.write_blob(task_id, artifact.sha256, blob, pipeline=pipe)
+                self.write_manifest(task_id, version, manifest_json, pipeline=pipe)
+                self.set_current(task_id, version, artifact.sha256, pipeline=pipe)
+                pipe.execute()
+        return version
+
+    def get(self, task_id: str, version: int | None = None) -> Artifact:
+        """The current (or the given) version, sha256-verified; raises NotFound."""
+        validate_task_id(task_id)
+        with _io():
+            if version is None:
+                pointer = _pointer(self.client.hgetall(self.keys.current(task_id)))
+                if pointer is None:
+                    raise NotFound(f"task {task_id!r} not found", field="task_id")
+                version = pointer[0]
+            raw_manifest = self.client.get(self.keys.manifest(task_id, version))
+            if raw_manifest is None:
+                raise NotFound(f"task {task_id!r} has no version {version}", field="version")
+            manifest = _parse_manifest({METADATA_KEY: _text(raw_manifest)}, self.limits)
+            blob = self.client.get(self.keys.blob(task_id, manifest.sha256))
+        if blob is None:
+            raise NotFound(f"task {task_id!r} version {version} was deleted", field="version")
+        stored = from_bytes(bytes(blob), self.limits)  # verifies the tensors against their sha256
+        if stored.sha256 != manifest.sha256 or manifest.task_id != task_id or manifest.version != version:
+            raise ArtifactFormatError(f"task {task_id!r} v{version}: manifest and blob disagree")
+        return Artifact(manifest=manifest, tensors=stored.tensors)
+
+    def info(self, task_id: str) -> TaskInfo:
+        """Metadata of the current version (no blob transfer); raises NotFound."""
+        validate_task_id(task_id)
+        found = self._infos([task_id])
+        if not found:
+            raise NotFound(f"task {task_id!r} not found", field="task_id")
+        return found[0]
+
+    def list(self) -> builtins.list[TaskInfo]:
+        """Every task with a current version, sorted by task id."""
+        with _io():
+            members = self.client.smembers(self.keys.tasks)
+        task_ids = []
+        for raw in members:
+            with contextlib.suppress(InvalidTaskId):
+                task_ids.append(validate_task_id(_text(raw)))
+        return self._infos(sorted(task_ids))
+
+    def delete(self, task_id: str) -> None:
+        """Remove every key of the task in one transaction, then announce version 0; raises NotFound."""
+        validate_task_id(task_id)
+        k = self.keys
+        watched = [k.current(task_id), k.versions(task_id), k.blobs(task_id), k.seq(task_id)]
+        with _io(), self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(*watched)
+                    if not pipe.exists(k.current(task_id), k.versions(task_id)):
+                        raise NotFound(f"task {task_id!r} not found", field="task_id")
+                    # after WATCH the pipeline runs commands immediately and returns their results
+                    versions = [int(v) for v in cast("set[bytes]", pipe.smembers(k.versions(task_id)))]
+                    shas = [_text(s) for s in cast("set[bytes]", pipe.smembers(k.blobs(task_id)))]
+                    pipe.multi()
+                    manifests = [k.manifest(task_id, v) for v in versions]
+                    pipe.delete(*watched, *manifests, *[k.blob(task_id, s) for s in shas])
+                    pipe.srem(k.tasks, task_id)
+                    self.publish(ChangeEvent(task_id, 0, ""), pipeline=pipe)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+    def watch(self, stop: object | None = None, poll_interval: float = 1.0) -> Iterator[ChangeEvent]:
+        """Pub/sub events plus a poll of every pointer each `poll_interval` s, deduplicated per task.
+
+        The state when iteration starts is the baseline. A pub/sub message only ever moves a task
+        forward (it may be older than what a poll already saw); a poll is the truth and may move it
+        anywhere (e.g. deleted and re-created while a message was lost). Connection failures are
+        retried quietly; the iterator ends once `stop` is set.
+        """
+        event = stop_event(stop)
+        subscription = self._subscribe()
+        seen = self._poll_pointers() or {}
+        next_poll = time.monotonic() + poll_interval
+        try:
+            while not event.is_set():
+                wait = max(0.0, min(next_poll - time.monotonic(), 0.2))
+                if subscription is None:
+                    event.wait(wait)
+                else:
+                    message, subscription = self._next_message(subscription, wait)
+                    if message is not None and self._is_news(message, seen):
+                        yield message
+                if time.monotonic() >= next_poll and not event.is_set():
+                    next_poll = time.monotonic() + poll_interval
+                    if subscription is None:
+                        subscription = self._subscribe()
+                    yield from self._poll_changes(seen)
+        finally:
+            if subscription is not None:
+                subscription.close()
+
+    def ping(self) -> None:
+        with _io():
+            self.client.ping()
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _pipe(self, pipeline: Pipeline | None) -> Iterator[Pipeline]:
+        """The caller's pipeline, or a fresh transaction that is executed on exit."""
+        if pipeline is not None:
+            yield pipeline
+            return
+        with _io(), self.client.pipeline(transaction=True) as pipe:
+            yield pipe
+            pipe.execute()
+
+    def _infos(self, task_ids: builtins.list[str]) -> builtins.list[TaskInfo]:
+        """TaskInfo of each task that has a current pointer, in two pipelined round trips."""
+        k = self.keys
+        with _io():
+            with self.client.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    pipe.hgetall(k.current(task_id))
+                    pipe.smembers(k.versions(task_id))
+                raw = pipe.execute()
+            pointers = [(t, _pointer(raw[2 * i]), raw[2 * i + 1]) for i, t in enumerate(task_ids)]
+            live = [(t, p, vs) for t, p, vs in pointers if p is not None]
+            with self.client.pipeline(transaction=False) as pipe:
+                for task_id, pointer, _ in live:
+                    pipe.get(k.manifest(task_id, pointer[0]))
+                manifests = pipe.execute()
+        out = []
+        for (task_id, pointer, versions), raw_manifest in zip(live, manifests, strict=True):
+            if raw_manifest is None:
+                continue  # deleted between the two round trips
+            data = json.loads(_text(raw_manifest))
+            out.append(
+                TaskInfo(
+                    task_id=task_id,
+                    version=pointer[0],
+                    method=str(data.get("method", "")),
+                    sha256=pointer[1],
+                    created_at=str(data.get("created_at", "")),
+                    versions=tuple(sorted(int(v) for v in versions)),
+                )
+            )
+        return out
+
+    def _poll_pointers(self) -> dict[str, Pointer] | None:
+        """Every task's current pointer, or None when Redis cannot be reached."""
+        try:
+            members = self.client.smembers(self.keys.tasks)
+            task_ids = sorted(_text(m) for m in members)
+            with self.client.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    pipe.hgetall(self.keys.current(task_id))
+                raw = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("redis store poll failed: %s", exc)
+            return None
+        out = {}
+        for task_id, fields in zip(task_ids, raw, strict=True):
+            pointer = _pointer(fields)
+            if pointer is not None:
+                out[task_id] = pointer
+        return out
+
+    def _poll_changes(self, seen: dict[str, Pointer]) -> Iterator[ChangeEvent]:
+        """Events that bring `seen` up to date with a fresh poll (updating `seen` as they are yielded)."""
+        fresh = self._poll_pointers()
+        if fresh is None:
+            return
+        for task_id in sorted(seen.keys() - fresh.keys()):
+            del seen[task_id]
+            yield ChangeEvent(task_id, 0, "")
+        for task_id, pointer in sorted(fresh.items()):
+            if seen.get(task_id) != pointer:
+                seen[task_id] = pointer
+                yield ChangeEvent(task_id, pointer[0], pointer[1])
+
+    @staticmethod
+    def _is_news(message: ChangeEvent, seen: dict[str, Pointer]) -> bool:
+        """Dedupe a pub/sub event against what was already reported for its task (updating `seen`)."""
+        known = seen.get(message.task_id)
+        if message.version == 0:
+            if known is None:
+                return False
+            del seen[message.task_id]
+            return True
+        if known is not None and message.version <= known[0]:
+            return False
+        seen[message.task_id] = (message.version, message.sha256)
+        return True
+
+    def _subscribe(self) -> PubSub | None:
+        """A subscription on its own connection, or None (pub/sub disabled or Redis unreachable)."""
+        if not self.use_pubsub:
+            return None
+        subscription = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            subscription.subscribe(self.keys.events)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("redis store subscribe failed: %s", exc)
+            subscription.close()
+            return None
+        return subscription
+
+    def _next_message(self, subscription: PubSub, timeout: float) -> tuple[ChangeEvent | None, PubSub | None]:
+        """Wait up to `timeout` for one event; a broken subscription is dropped (the poll resubscribes)."""
+        try:
+            raw = subscription.get_message(timeout=timeout)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            log.warning("redis store subscription lost: %s", exc)
+            subscription.close()
+            time.sleep(min(timeout, 0.05))
+            return None, None
+        if raw is None or raw.get("type") != "message":
+            return None, subscription
+        return self._decode_event(raw.get("data")), subscription
+
+    @staticmethod
+    def _decode_event(data: Any) -> ChangeEvent | None:
+        try:
+            body = json.loads(_text(data))
+            event = ChangeEvent(validate_task_id(body["task_id"]), int(body["version"]), str(body["sha256"]))
+        except (ValueError, KeyError, TypeError, InvalidTaskId):
+            log.warning("ignoring malformed store event %r", data)
+            return None
+        return event if event.version >= 0 else None
