@@ -1,0 +1,153 @@
+"""The running batch as tensors: a left-padded KV cache, its attention mask and each row's next position.
+
+Layout of one row (columns of the cache, left to right):
+    [pad ...][KV prefix (m)][pad ...][prompt tokens (n)][generated tokens ...]
+The attention mask is 1 exactly on the prefix, prompt and generated columns; position ids are explicit per row
+(the prompt continues at the prefix's `next_position`), so padding never shifts a row's positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from server.model_runner import KV, ModelRunner, layer_kv
+
+
+@dataclass
+class PrefillItem:
+    """One new row: its KV prefix, the position its prompt continues at, prompt ids and optional delta."""
+
+    keys: torch.Tensor  # [L, Hkv, m, Dh]
+    values: torch.Tensor  # [L, Hkv, m, Dh]
+    next_position: int
+    ids: list[int]
+    added: torch.Tensor | None = None  # [s, d] added to the first s prompt-token embeddings
+
+    @property
+    def prefix_len(self) -> int:
+        return int(self.keys.shape[2])
+
+
+def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad `t` on the left of `dim` up to `length`."""
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
+    return F.pad(t, pad)
+
+
+class BatchState:
+    """Running rows: KV cache (per layer [B, Hkv, T, Dh]), attention mask [B, T], next positions [B]."""
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        self.cache = cache
+        self.mask = mask  # [B, T] long
+        self.positions = positions  # [B] long: position id of each row's next input token
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+    def layers(self) -> list[KV]:
+        """Per-layer (keys, values), each [B, Hkv, T, Dh]."""
+        return [layer_kv(self.cache, i) for i in range(len(self.cache.layers))]
+
+    def _set_layer(self, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        layer: Any = self.cache.layers[i]
+        layer.keys, layer.values = keys, values
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (in that order)."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)  # [B']
+        for i, (keys, values) in enumerate(self.layers()):
+            self._set_layer(i, keys.index_select(0, idx), values.index_select(0, idx))  # [B', Hkv, T, Dh]
+        self.mask = self.mask.index_select(0, idx)  # [B', T]
+        self.positions = self.positions.index_select(0, idx)  # [B']
+
+    def trim(self) -> None:
+        """Drop leading columns that are padding in every row."""
+        used = self.mask.any(dim=0)  # [T]
+        first = int(torch.argmax(used.to(torch.int8))) if bool(used.any()) else self.length
+        if first == 0:
+            return
+        for i, (keys, values) in enumerate(self.layers()):
+            self._set_layer(i, keys[:, :, first:], values[:, :, first:])  # [B, Hkv, T - first, Dh]
+        self.mask = self.mask[:, first:]  # [B, T - first]
+
+    def merge(self, other: BatchState) -> None:
+        """Append `other`'s rows after this batch's rows, left-padding both to a common length."""
+        length = max(self.length, other.length)
+        for i, ((k1, v1), (k2, v2)) in enumerate(zip(self.layers(), other.layers(), strict=True)):
+            keys = torch.cat([left_pad(k1, length, 2), left_pad(k2, length, 2)])  # [B+G, Hkv, T, Dh]
+            values = torch.cat([left_pad(v1, length, 2), left_pad(v2, length, 2)])  # [B+G, Hkv, T, Dh]
+            self._set_layer(i, keys, values)
+        self.mask = torch.cat([left_pad(self.mask, length, 1), left_pad(other.mask, length, 1)])  # [B+G, T]
+        self.positions = torch.cat([self.positions, other.positions])  # [B+G]
+
+
+def _padded_prefix(runner: ModelRunner, items: list[PrefillItem], width: int) -> DynamicCache:
+    """Per-row KV prefixes left-padded to `width` columns, as a cache with layers [G, Hkv, width, Dh]."""
+    if width == 0:
+        return runner.new_cache()
+    keys = torch.stack([left_pad(it.keys, width, 2) for it in items], dim=1)  # [L, G, Hkv, M, Dh]
+    values = torch.stack([left_pad(it.values, width, 2) for it in items], dim=1)  # [L, G, Hkv, M, Dh]
+    return runner.new_cache([(keys[i], values[i]) for i in range(keys.shape[0])])
+
+
+def _prompt_embeds(runner: ModelRunner, items: list[PrefillItem], width: int) -> torch.Tensor:
+    """Left-padded prompt embeddings [G, N, d], with each ACCEPT delta on its row's first s real tokens."""
+    ids = torch.full((len(items), width), runner.pad_id, dtype=torch.long)  # [G, N]
+    for b, it in enumerate(items):
+        ids[b, width - len(it.ids) :] = torch.tensor(it.ids, dtype=torch.long)
+    embeds = runner.embed(ids)  # [G, N, d]
+    for b, it in enumerate(items):
+        if it.added is not None:
+            start = width - len(it.ids)
+            s = min(int(it.added.shape[0]), len(it.ids))
+            embeds[b, start : start + s] = embeds[b, start : start + s] + it.added[:s]  # [s, d]
+    return embeds
+
+
+@torch.inference_mode()
+def prefill(runner: ModelRunner, items: list[PrefillItem]) -> tuple[BatchState, torch.Tensor]:
+    """Run new rows (KV prefix + prompt) in one forward; returns their state and last logits [G, V]."""
+    device = runner.device
+    prefix_width = max(it.prefix_len for it in items)  # M
+    width = max(len(it.ids) for it in items)  # N
+    cache = _padded_prefix(runner, items, prefix_width)
+    embeds = _prompt_embeds(runner, items, width)  # [G, N, d]
+    mask = torch.zeros(len(items), prefix_width + width, dtype=torch.long)  # [G, M + N]
+    positions = torch.zeros(len(items), width, dtype=torch.long)  # [G, N]
+    for b, it in enumerate(items):
+        n = len(it.ids)
+        mask[b, prefix_width - it.prefix_len : prefix_width] = 1
+        mask[b, prefix_width + width - n :] = 1
+        positions[b, width - n :] = torch.arange(it.next_position, it.next_position + n)  # [n]
+    mask, positions = mask.to(device), positions.to(device)
+    logits = runner.forward(embeds, mask, positions, cache)  # [G, V]
+    next_positions = positions[:, -1] + 1  # [G]
+    return BatchState(cache, mask, next_positions), logits
+
+
+@torch.inference_mode()
+def decode_one_token(runner: ModelRunner, state: BatchState, tokens: list[int]) -> torch.Tensor:
+    """Feed each row's last token; extends the state by one column and returns logits [B, V]."""
+    device = runner.device
+    ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]  # [B, 1]
+    embeds = runner.embed(ids)  # [B, 1, d]
+    ones = torch.ones(state.size, 1, dtype=torch.long, device=device)  # [B, 1]
+    mask = torch.cat([state.mask, ones], dim=1)  # [B, T + 1]
+    logits = runner.forward(embeds, mask, state.positions[:, None], state.cache)  # [B, V]
+    state.mask = mask
+    state.positions = state.positions + 1  # [B]
+    return logits

