@@ -1,0 +1,119 @@
+"""ACCEPT (Lin et al. 2024): product-quantised prompts trained as codebooks + free mixing weights.
+
+SCPP: prompt [m, d] = compose(prompt_weight [m, K, r], prompt_codebook [K, r, d/K]).
+SCAP (optional): delta [s, d] = compose(added_weight [s, Ka, ra], added_codebook [Ka, ra, d/Ka]) added to
+the first s request-token embeddings. As in the paper, weights and codebooks get separate learning rates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from prompt_store.methods.accept import compose
+from training.data import Batch
+from training.lm import prompt_prefix_loss
+from training.methods.base import TrainableMethod, hidden_size, sample_vocab_rows
+
+
+@dataclass(frozen=True)
+class AcceptTrainConfig:
+    num_virtual_tokens: int = 8
+    num_subspaces: int = 8  # K, must divide the hidden size
+    num_codewords: int = 16  # r
+    added_length: int = 0  # s; 0 = no SCAP
+    added_subspaces: int = 8
+    added_codewords: int = 8
+    weight_lr: float | None = None  # learning rate of the mixing weights (None: the base lr)
+    codebook_lr: float | None = None  # learning rate of the codebooks (None: the base lr)
+    seed: int = 0
+
+
+def _check_divides(k: int, d: int, name: str) -> None:
+    if k < 1 or d % k:
+        raise ValueError(f"{name}={k} must divide the hidden size {d}")
+
+
+def vocab_codebook(model: Any, subspaces: int, codewords: int, gen: torch.Generator) -> torch.Tensor:
+    """Codebook [K, r, d/K] cut from r sampled vocabulary embeddings (codeword j of subspace k = slice k)."""
+    rows = sample_vocab_rows(model, codewords, gen)  # [r, d]
+    return rows.view(codewords, subspaces, -1).transpose(0, 1).contiguous()  # [K, r, d/K]
+
+
+def one_hot_weights(n: int, subspaces: int, codewords: int, gen: torch.Generator) -> torch.Tensor:
+    """Weights [n, K, r] selecting one random codeword per subspace (so each prompt starts token-like)."""
+    pick = torch.randint(0, codewords, (n, subspaces), generator=gen)  # [n, K]
+    return nn.functional.one_hot(pick, codewords).float()  # [n, K, r]
+
+
+class Accept(TrainableMethod):
+    method = "accept"
+
+    def __init__(self, model: Any, tokenizer: Any, config: AcceptTrainConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = hidden_size(model)
+        _check_divides(config.num_subspaces, d, "num_subspaces")
+        gen = torch.Generator().manual_seed(config.seed)
+        K, r, m = config.num_subspaces, config.num_codewords, config.num_virtual_tokens
+        self.prompt_codebook = nn.Parameter(vocab_codebook(model, K, r, gen))  # [K, r, d/K]
+        self.prompt_weight = nn.Parameter(one_hot_weights(m, K, r, gen))  # [m, K, r]
+        self.added_codebook: nn.Parameter | None = None
+        self.added_weight: nn.Parameter | None = None
+        if config.added_length:
+            _check_divides(config.added_subspaces, d, "added_subspaces")
+            Ka, ra, s = config.added_subspaces, config.added_codewords, config.added_length
+            # zero weights: the delta starts at 0 while the codebook still receives gradient via the weights
+            self.added_codebook = nn.Parameter(vocab_codebook(model, Ka, ra, gen) * 0.1)  # [Ka, ra, d/Ka]
+            self.added_weight = nn.Parameter(torch.zeros(s, Ka, ra))  # [s, Ka, ra]
+
+    def prompt(self) -> torch.Tensor:
+        return compose(self.prompt_weight, self.prompt_codebook)  # [m, d]
+
+    def added(self) -> torch.Tensor | None:
+        if self.added_weight is None or self.added_codebook is None:
+            return None
+        return compose(self.added_weight, self.added_codebook)  # [s, d]
+
+    def forward(self, model: Any, batch: Batch) -> torch.Tensor:
+        return prompt_prefix_loss(model, batch, self.prompt(), self.added())
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Two groups, as in ACCEPT: mixing weights and codebooks, each with its own learning rate."""
+        weights = [p for n, p in self.named_parameters() if n.endswith("_weight")]
+        books = [p for n, p in self.named_parameters() if n.endswith("_codebook")]
+        return [
+            {
+                "params": weights,
+                "lr": self.config.weight_lr or lr,
+                "weight_decay": weight_decay,
+                "name": "weights",
+            },
+            {
+                "params": books,
+                "lr": self.config.codebook_lr or lr,
+                "weight_decay": weight_decay,
+                "name": "codebooks",
+            },
+        ]
+
+    def method_config(self) -> dict[str, Any]:
+        cfg = self.config
+        out = {
+            "num_virtual_tokens": cfg.num_virtual_tokens,
+            "num_subspaces": cfg.num_subspaces,
+            "num_codewords": cfg.num_codewords,
+            "added_length": cfg.added_length,
+        }
+        if cfg.added_length:
+            out |= {"added_subspaces": cfg.added_subspaces, "added_codewords": cfg.added_codewords}
+        return out
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"prompt_weight": self.prompt_weight, "prompt_codebook": self.prompt_codebook}
+        if self.added_weight is not None and self.added_codebook is not None:
+            out |= {"added_weight": self.added_weight, "added_codebook": self.added_codebook}
+        return out
