@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prompt_store import TASK_ID_PATTERN
 
-HARD_MAX_NEW_TOKENS = 8192  # schema bound; the configured cap (SOFTSERVE_MAX_NEW_TOKENS) is checked too
+HARD_MAX_NEW_TOKENS = 8192
+DEFAULT_NEW_TOKENS = 64  # schema bound; the configured cap (SOFTSERVE_MAX_NEW_TOKENS) is checked too
 MAX_PROMPT_CHARS = 1_000_000
 MAX_STOP = 8
 
@@ -24,7 +25,9 @@ class ChatMessage(BaseModel):
 
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int = Field(64, ge=1, le=HARD_MAX_NEW_TOKENS)
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=HARD_MAX_NEW_TOKENS, description=f"default {DEFAULT_NEW_TOKENS} (capped by the server limit)"
+    )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=100_000, description="0 = off")
@@ -86,7 +89,7 @@ class TaskList(BaseModel):
 class OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: TaskIdField = Field("base", description="task id; 'base' = the bare model")
-    max_tokens: int = Field(64, ge=1, le=HARD_MAX_NEW_TOKENS)
+    max_tokens: int | None = Field(None, ge=1, le=HARD_MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)

@@ -10,8 +10,9 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.cache import Lease
-from server.engine import QueueFull
+from server.engine import EngineStopped, QueueFull
 from server.errors import DeadlineExceeded, GenerationFailed, LimitExceeded, NotReady, Overloaded
+from server.schemas import DEFAULT_NEW_TOKENS
 from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent
 from server.state import ServerState
 
@@ -58,8 +59,10 @@ def tokenize(state: ServerState, prompt: str | None, messages: Sequence[dict[str
     return [int(i) for i in tokenizer(prompt)["input_ids"]]
 
 
-def sampling_params(state: ServerState, max_new_tokens: int, **kwargs: Any) -> SamplingParams:
+def sampling_params(state: ServerState, max_new_tokens: int | None, **kwargs: Any) -> SamplingParams:
     cap = state.settings.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = min(DEFAULT_NEW_TOKENS, cap)
     if max_new_tokens > cap:
         raise LimitExceeded(f"max_new_tokens={max_new_tokens} exceeds the limit of {cap}", field="max_new_tokens")
     kwargs["stop"] = tuple(kwargs.get("stop") or ())
@@ -115,6 +118,9 @@ async def prepare(state: ServerState, task_id: str | None, prompt_ids: list[int]
 def submit(state: ServerState, prepared: Prepared) -> None:
     try:
         state.engine.submit(prepared.request)
+    except EngineStopped as exc:
+        prepared.release()
+        raise NotReady("server is shutting down", retry_after=5) from exc
     except QueueFull as exc:
         prepared.release()
         raise Overloaded(f"queue is full ({state.settings.max_queue} waiting); retry later", retry_after=1) from exc
