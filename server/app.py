@@ -24,7 +24,9 @@ from server.state import ServerState
 log = logging.getLogger("softserve")
 
 
-def build_state(settings: Settings, runner: ModelRunner | None = None, store: Store | None = None) -> ServerState:
+def build_state(
+    settings: Settings, runner: ModelRunner | None = None, store: Store | None = None
+) -> ServerState:
     """Load (or take) the model and the store; start the cache watcher and the engine thread."""
     runner = runner or load_model(settings.model, dtype=settings.dtype, device=settings.device)
     limits = Limits(max_virtual_tokens=settings.max_virtual_tokens, max_file_bytes=settings.max_body_bytes)
@@ -39,8 +41,12 @@ def build_state(settings: Settings, runner: ModelRunner | None = None, store: St
     )
     engine.start()
     if settings.admin_key is None:
-        log.warning("SOFTSERVE_ADMIN_KEY is not set: task uploads and deletes need no key (keep it on localhost)")
-    return ServerState(settings=settings, runner=runner, engine=engine, store=store, cache=cache, metrics=Metrics())
+        log.warning(
+            "SOFTSERVE_ADMIN_KEY is not set: task uploads and deletes need no key (keep it on localhost)"
+        )
+    return ServerState(
+        settings=settings, runner=runner, engine=engine, store=store, cache=cache, metrics=Metrics()
+    )
 
 
 def shutdown_state(state: ServerState) -> None:
@@ -69,7 +75,7 @@ def create_app(
     app = FastAPI(
         title="softserve",
         version="0.1.0",
-        description="One frozen causal LM serving many soft-prompt tasks with mixed-task continuous batching.",
+        description="One frozen causal LM serving many soft-prompt tasks, batched together.",
         lifespan=lifespan,
     )
     install_error_handlers(app)

@@ -54,7 +54,10 @@ def _print_response(response: httpx.Response) -> int:
         if body != "":
             print(json.dumps(body, indent=2) if not isinstance(body, str) else body)
         return 0
-    print(f"error {response.status_code}: {json.dumps(body) if not isinstance(body, str) else body}", file=sys.stderr)
+    print(
+        f"error {response.status_code}: {json.dumps(body) if not isinstance(body, str) else body}",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -91,14 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the HTTP server", description="Start the HTTP server.")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    serve.add_argument("--model", help="HF model name or local path (default: embedded SmolLM2-135M-Instruct)")
+    serve.add_argument(
+        "--model", help="HF model name or local path (default: embedded SmolLM2-135M-Instruct)"
+    )
     serve.add_argument("--store", help="disk:PATH or redis://HOST:PORT/DB (default: disk:./data/store)")
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
-    serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: float32)")
+    serve.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: float32)"
+    )
     serve.set_defaults(func=_serve)
 
     tasks = sub.add_parser("tasks", help="list, show, push or delete tasks on a running server")
-    tasks.add_argument("--url", default=DEFAULT_URL, help="server URL (default: %(default)s, or $SOFTSERVE_URL)")
+    tasks.add_argument(
+        "--url", default=DEFAULT_URL, help="server URL (default: %(default)s, or $SOFTSERVE_URL)"
+    )
     tasks.add_argument("--key", help="API/admin key (default: $SOFTSERVE_ADMIN_KEY or $SOFTSERVE_API_KEY)")
     tasks.add_argument("--timeout", type=float, default=60.0, help="seconds (default: %(default)s)")
     actions = tasks.add_subparsers(dest="action", required=True)

@@ -44,7 +44,9 @@ def require_api_key(request: Request, state: StateDep) -> None:
         return  # only an admin key is configured: reads and generation stay open
     if key_matches(key, settings.api_key) or key_matches(key, settings.admin_key):
         return
-    raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>')", field="authorization")
+    raise Unauthorized(
+        "missing or invalid API key (send 'Authorization: Bearer <key>')", field="authorization"
+    )
 
 
 def require_admin_key(request: Request, state: StateDep) -> None:
@@ -53,7 +55,9 @@ def require_admin_key(request: Request, state: StateDep) -> None:
     if expected is None:
         return
     if not key_matches(presented_key(request), expected):
-        raise Unauthorized("missing or invalid admin key (send 'Authorization: Bearer <admin key>')", field="authorization")
+        raise Unauthorized(
+            "missing or invalid admin key (send 'Authorization: Bearer <admin key>')", field="authorization"
+        )
 
 
 ApiKey = Depends(require_api_key)

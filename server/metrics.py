@@ -9,10 +9,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("softserve_requests", "Generation requests finished", ["task", "finish_reason"], registry=r)
-        self.rejections = Counter("softserve_rejections", "Requests rejected, by reason", ["reason"], registry=r)
+        self.requests = Counter(
+            "softserve_requests", "Generation requests finished", ["task", "finish_reason"], registry=r
+        )
+        self.rejections = Counter(
+            "softserve_rejections", "Requests rejected, by reason", ["reason"], registry=r
+        )
         self.tokens = Counter("softserve_generated_tokens", "Generated tokens", ["task"], registry=r)
-        self.prompt_tokens = Counter("softserve_prompt_tokens", "Prompt tokens prefilled", ["task"], registry=r)
+        self.prompt_tokens = Counter(
+            "softserve_prompt_tokens", "Prompt tokens prefilled", ["task"], registry=r
+        )
         self.ttft = Histogram(
             "softserve_time_to_first_token_seconds",
             "Time from submit to first token",
@@ -21,14 +27,19 @@ class Metrics:
             registry=r,
         )
         self.latency = Histogram(
-            "softserve_request_seconds", "Request latency", ["task"], buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            "softserve_request_seconds",
+            "Request latency",
+            ["task"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=r,
         )
         self.queue_depth = Gauge("softserve_queue_depth", "Requests waiting to join the batch", registry=r)
         self.batch_size = Gauge("softserve_batch_size", "Rows in the running batch", registry=r)
         self.tokens_per_s = Gauge("softserve_tokens_per_second", "Decode throughput (recent)", registry=r)
         self.cache_hits = Gauge("softserve_cache_hits", "Serving-form cache hits", ["cache"], registry=r)
-        self.cache_misses = Gauge("softserve_cache_misses", "Serving-form cache misses", ["cache"], registry=r)
+        self.cache_misses = Gauge(
+            "softserve_cache_misses", "Serving-form cache misses", ["cache"], registry=r
+        )
         self.cache_bytes = Gauge("softserve_cache_bytes", "Bytes held by a cache", ["cache"], registry=r)
         self.uploads = Counter("softserve_task_uploads", "Accepted task uploads", ["method"], registry=r)
 

@@ -26,7 +26,10 @@ class ChatMessage(BaseModel):
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_new_tokens: int | None = Field(
-        None, ge=1, le=HARD_MAX_NEW_TOKENS, description=f"default {DEFAULT_NEW_TOKENS} (capped by the server limit)"
+        None,
+        ge=1,
+        le=HARD_MAX_NEW_TOKENS,
+        description=f"default {DEFAULT_NEW_TOKENS} (capped by the server limit)",
     )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -83,7 +86,7 @@ class TaskList(BaseModel):
     tasks: list[TaskResponse]
 
 
-# ---- OpenAI-compatible ---------------------------------------------------------------------------------------
+# ---- OpenAI-compatible --------------------------------------------------------------------
 
 
 class OpenAIBase(BaseModel):

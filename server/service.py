@@ -12,8 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from prompt_store.cache import Lease
 from server.engine import EngineStopped, QueueFull
 from server.errors import DeadlineExceeded, GenerationFailed, LimitExceeded, NotReady, Overloaded
-from server.schemas import DEFAULT_NEW_TOKENS
 from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent
+from server.schemas import DEFAULT_NEW_TOKENS
 from server.state import ServerState
 
 BASE_TASK = "base"
@@ -50,7 +50,9 @@ def tokenize(state: ServerState, prompt: str | None, messages: Sequence[dict[str
     tokenizer = state.runner.tokenizer
     if messages is not None:
         if getattr(tokenizer, "chat_template", None):
-            ids: Any = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True)
+            ids: Any = tokenizer.apply_chat_template(
+                list(messages), tokenize=True, add_generation_prompt=True
+            )
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return [int(i) for i in ids]
@@ -64,12 +66,16 @@ def sampling_params(state: ServerState, max_new_tokens: int | None, **kwargs: An
     if max_new_tokens is None:
         max_new_tokens = min(DEFAULT_NEW_TOKENS, cap)
     if max_new_tokens > cap:
-        raise LimitExceeded(f"max_new_tokens={max_new_tokens} exceeds the limit of {cap}", field="max_new_tokens")
+        raise LimitExceeded(
+            f"max_new_tokens={max_new_tokens} exceeds the limit of {cap}", field="max_new_tokens"
+        )
     kwargs["stop"] = tuple(kwargs.get("stop") or ())
     return SamplingParams(max_new_tokens=max_new_tokens, **kwargs)
 
 
-async def prepare(state: ServerState, task_id: str | None, prompt_ids: list[int], params: SamplingParams) -> Prepared:
+async def prepare(
+    state: ServerState, task_id: str | None, prompt_ids: list[int], params: SamplingParams
+) -> Prepared:
     """Pin the task's current version and check every token limit (virtual tokens included)."""
     if state.draining:
         raise NotReady("server is shutting down", retry_after=5)
@@ -123,7 +129,9 @@ def submit(state: ServerState, prepared: Prepared) -> None:
         raise NotReady("server is shutting down", retry_after=5) from exc
     except QueueFull as exc:
         prepared.release()
-        raise Overloaded(f"queue is full ({state.settings.max_queue} waiting); retry later", retry_after=1) from exc
+        raise Overloaded(
+            f"queue is full ({state.settings.max_queue} waiting); retry later", retry_after=1
+        ) from exc
 
 
 async def events(state: ServerState, prepared: Prepared) -> AsyncIterator[TokenEvent]:
@@ -138,13 +146,17 @@ async def events(state: ServerState, prepared: Prepared) -> AsyncIterator[TokenE
             event = await queue.get()
             if first and event.token_id is not None:
                 first = False
-                state.metrics.ttft.labels(task=prepared.task_id).observe(time.monotonic() - prepared.submitted_at)
+                state.metrics.ttft.labels(task=prepared.task_id).observe(
+                    time.monotonic() - prepared.submitted_at
+                )
             if event.token_id is not None:
                 state.metrics.tokens.labels(task=prepared.task_id).inc()
             finished = event.finish_reason is not None
             if finished:
                 state.metrics.requests.labels(task=prepared.task_id, finish_reason=event.finish_reason).inc()
-                state.metrics.latency.labels(task=prepared.task_id).observe(time.monotonic() - prepared.submitted_at)
+                state.metrics.latency.labels(task=prepared.task_id).observe(
+                    time.monotonic() - prepared.submitted_at
+                )
             yield event
     finally:
         if not finished:
@@ -170,7 +182,8 @@ async def run_to_completion(state: ServerState, prepared: Prepared) -> Outcome:
                 raise GenerationFailed(f"generation failed: {event.error or 'internal error'}")
             if finish == "timeout":
                 raise DeadlineExceeded(
-                    f"request exceeded its deadline of {state.settings.request_timeout_s:g} s", field="timeout"
+                    f"request exceeded its deadline of {state.settings.request_timeout_s:g} s",
+                    field="timeout",
                 )
     total = (time.monotonic() - prepared.submitted_at) * 1000
     return Outcome("".join(text), tokens, finish, ttft, total)

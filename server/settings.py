@@ -12,7 +12,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", env_file=".env", extra="ignore")
 
     # model
-    model: str | None = Field(None, description="HF model name or path; empty = embedded SmolLM2-135M-Instruct")
+    model: str | None = Field(
+        None, description="HF model name or path; empty = embedded SmolLM2-135M-Instruct"
+    )
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 

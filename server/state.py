@@ -31,7 +31,9 @@ class ServerState:
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_virtual_tokens=self.settings.max_virtual_tokens, max_file_bytes=self.settings.max_body_bytes)
+        return Limits(
+            max_virtual_tokens=self.settings.max_virtual_tokens, max_file_bytes=self.settings.max_body_bytes
+        )
 
     def store_reachable(self) -> bool:
         try:

@@ -35,12 +35,17 @@ def test_upload_generate_matches_reference(tmp_path: Path) -> None:
         r = upload(client, "sentiment", data)
         assert r.status_code == 201, r.text
         assert r.json()["version"] == 1 and r.json()["method"] == "prompt_tuning"
-        r = client.post("/generate", json={"task_id": "sentiment", "prompt": "great movie!", "max_new_tokens": 12})
+        r = client.post(
+            "/generate", json={"task_id": "sentiment", "prompt": "great movie!", "max_new_tokens": 12}
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["task_version"] == 1 and body["usage"]["virtual_tokens"] == 5
         assert body["tokens"] == reference_tokens(state, data, "great movie!", 12)
-        assert body["text"] == state.runner.tokenizer.decode(body["tokens"], skip_special_tokens=True) or body["text"]
+        assert (
+            body["text"] == state.runner.tokenizer.decode(body["tokens"], skip_special_tokens=True)
+            or body["text"]
+        )
         listed = client.get("/tasks").json()["tasks"]
         assert [t["task_id"] for t in listed] == ["sentiment"]
         assert client.get("/tasks/sentiment").json()["version"] == 1
@@ -50,7 +55,9 @@ def test_bare_model_and_openai_routes(tmp_path: Path) -> None:
     with serving(tmp_path) as (client, _):
         bare = client.post("/generate", json={"prompt": "hello", "max_new_tokens": 5}).json()
         assert bare["task_id"] == "base" and 1 <= len(bare["tokens"]) <= 5
-        cmpl = client.post("/v1/completions", json={"model": "base", "prompt": "hello", "max_tokens": 5}).json()
+        cmpl = client.post(
+            "/v1/completions", json={"model": "base", "prompt": "hello", "max_tokens": 5}
+        ).json()
         assert cmpl["choices"][0]["text"] == bare["text"]
         assert cmpl["usage"]["completion_tokens"] == len(bare["tokens"])
         chat = client.post(
@@ -76,7 +83,10 @@ def test_streaming_sse_equals_non_streaming(tmp_path: Path) -> None:
 
 
 def test_errors_name_field_and_limit(tmp_path: Path) -> None:
-    with serving(tmp_path, max_new_tokens=32, max_prompt_tokens=20, max_body_bytes=64 * 1024) as (client, state):
+    with serving(tmp_path, max_new_tokens=32, max_prompt_tokens=20, max_body_bytes=64 * 1024) as (
+        client,
+        state,
+    ):
         upload(client, "t1", prompt_artifact_bytes("t1", state.runner.fingerprint, m=8))
         assert client.post("/generate", json={"task_id": "nope", "prompt": "x"}).status_code == 404
         r = client.post("/generate", json={"prompt": "x", "max_new_tokens": 0})
@@ -91,7 +101,11 @@ def test_errors_name_field_and_limit(tmp_path: Path) -> None:
         assert client.post("/generate", json={"prompt": "a" * 15, "max_new_tokens": 2}).status_code == 200
         r = client.post("/generate", json={"task_id": "t1", "prompt": "a" * 15, "max_new_tokens": 2})
         assert r.status_code == 422 and "8 virtual" in r.text and "20" in r.text
-        r = client.post("/generate", content=b"{" + b" " * (70 * 1024) + b"}", headers={"content-type": "application/json"})
+        r = client.post(
+            "/generate",
+            content=b"{" + b" " * (70 * 1024) + b"}",
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 413
         assert client.put("/tasks/BAD..id", files={"file": ("a", b"x")}).status_code == 422
         metrics = client.get("/metrics").text
@@ -119,8 +133,9 @@ def test_hot_swap_next_request_uses_new_version(tmp_path: Path) -> None:
     with serving(tmp_path) as (client, state):
         fp = state.runner.fingerprint
         upload(client, "t1", prompt_artifact_bytes("t1", fp, seed=1))
-        with client.stream("POST", "/generate", json={"task_id": "t1", "prompt": "q", "max_new_tokens": 30,
-                                                     "stream": True}) as r:
+        with client.stream(
+            "POST", "/generate", json={"task_id": "t1", "prompt": "q", "max_new_tokens": 30, "stream": True}
+        ) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
             assert json.loads(first[6:])["token"] is not None
@@ -150,7 +165,12 @@ def test_every_protected_route_needs_a_key(tmp_path: Path) -> None:
         admin = {"Authorization": "Bearer admin-key"}
         gen = {"Authorization": "Bearer gen-key"}
         data = prompt_artifact_bytes("t1", state.runner.fingerprint)
-        assert upload(client, "t1", data, headers=gen).status_code == 401  # generation key never grants writes
+        assert (
+            upload(client, "t1", data, headers=gen).status_code == 401
+        )  # generation key never grants writes
         assert upload(client, "t1", data, headers=admin).status_code == 201
-        assert client.post("/generate", json={"prompt": "x", "max_new_tokens": 2}, headers=gen).status_code == 200
+        assert (
+            client.post("/generate", json={"prompt": "x", "max_new_tokens": 2}, headers=gen).status_code
+            == 200
+        )
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200

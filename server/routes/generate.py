@@ -47,8 +47,11 @@ async def stream_events(state: ServerState, prepared: Prepared) -> AsyncIterator
                 finish_reason=event.finish_reason,
                 task_id=prepared.task_id,
                 task_version=prepared.task_version,
-                usage={"prompt_tokens": prepared.prompt_tokens, "virtual_tokens": prepared.virtual_tokens,
-                       "completion_tokens": n},
+                usage={
+                    "prompt_tokens": prepared.prompt_tokens,
+                    "virtual_tokens": prepared.virtual_tokens,
+                    "completion_tokens": n,
+                },
             )
             if event.error:
                 chunk["error"] = event.error
@@ -56,7 +59,9 @@ async def stream_events(state: ServerState, prepared: Prepared) -> AsyncIterator
     yield sse("[DONE]")
 
 
-@router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@router.post(
+    "/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}}
+)
 async def generate(body: GenerateRequest, state: StateDep) -> GenerateResponse | StreamingResponse:
     """Generate with a task's soft prompt (or the bare model when task_id is omitted or 'base')."""
     prepared = await prepare_generate(state, body)

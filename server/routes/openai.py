@@ -27,7 +27,12 @@ def _finish(reason: str) -> str:
 async def _prepare(state: ServerState, body: OpenAIBase, prompt: str | None, messages: Any) -> Prepared:
     ids = service.tokenize(state, prompt, messages)
     params = service.sampling_params(
-        state, body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list()
+        state,
+        body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_list(),
     )
     return await service.prepare(state, body.model, ids, params)
 
@@ -65,17 +70,23 @@ async def completions(body: CompletionRequest, state: StateDep) -> dict[str, Any
         "object": "text_completion",
         "created": int(time.time()),
         "model": body.model,
-        "choices": [{"index": 0, "text": out.text, "finish_reason": _finish(out.finish_reason), "logprobs": None}],
+        "choices": [
+            {"index": 0, "text": out.text, "finish_reason": _finish(out.finish_reason), "logprobs": None}
+        ],
         "usage": _usage(prepared, len(out.tokens)),
     }
 
 
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, state: StateDep) -> dict[str, Any] | StreamingResponse:
+async def chat_completions(
+    body: ChatCompletionRequest, state: StateDep
+) -> dict[str, Any] | StreamingResponse:
     messages = [m.model_dump() for m in body.messages]
     prepared = await _prepare(state, body, None, messages)
     if body.stream:
-        return StreamingResponse(_stream(state, prepared, "chatcmpl", body.model), media_type="text/event-stream")
+        return StreamingResponse(
+            _stream(state, prepared, "chatcmpl", body.model), media_type="text/event-stream"
+        )
     out = await service.run_to_completion(state, prepared)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",

@@ -47,12 +47,14 @@ def _unzip(data: bytes, max_bytes: int) -> dict[str, bytes]:
     total = sum(i.file_size for i in members)
     if total > max_bytes:
         raise BodyTooLarge(f"zip inflates to {total} bytes; the limit is {max_bytes}", field="file")
-    wanted = {i.filename.rsplit("/", 1)[-1]: i for i in members if i.filename.rsplit("/", 1)[-1] in PEFT_FILES}
+    wanted = {
+        i.filename.rsplit("/", 1)[-1]: i for i in members if i.filename.rsplit("/", 1)[-1] in PEFT_FILES
+    }
     return {name: archive.read(info) for name, info in wanted.items()}
 
 
 def parse_upload(state: ServerState, task_id: str, files: dict[str, bytes]) -> Artifact:
-    """One safetensors artifact, or a PEFT adapter (two files or a zip) -> a validated artifact for task_id."""
+    """One safetensors artifact, or a PEFT adapter (two files or a zip) -> validated artifact."""
     base, limits = state.runner.fingerprint, state.limits
     if len(files) == 1:
         name, data = next(iter(files.items()))
@@ -84,7 +86,9 @@ def store_upload(state: ServerState, task_id: str, files: dict[str, bytes]) -> T
 
 @router.put("/{task_id:path}", status_code=201, dependencies=[AdminKey])
 async def put_task(
-    task_id: str, file: Annotated[list[UploadFile], File(description="artifact or PEFT adapter files")], state: StateDep
+    task_id: str,
+    file: Annotated[list[UploadFile], File(description="artifact or PEFT adapter files")],
+    state: StateDep,
 ) -> TaskResponse:
     """Upload a new version of a task. A rejected upload leaves the previous version serving."""
     validate_task_id(task_id)
