@@ -160,11 +160,12 @@ def evaluate_artifact(
     records: Sequence[Record],
     *,
     baseline: bool = True,
+    model_name: str = "",
     **kwargs: Any,
 ) -> dict[str, EvalResult]:
     """`gist_embedding` -> gist + controls; other methods -> `after` (+ `before`: no prompt)."""
     if artifact.manifest.method == "gist_embedding":
-        return evaluate_gist(model, tokenizer, artifact, records, **kwargs)
+        return evaluate_gist(model, tokenizer, artifact, records, model_name=model_name, **kwargs)
     out = {"after": evaluate(model, tokenizer, records, to_serving_form(artifact), **kwargs)}
     if baseline:
         out["before"] = evaluate(model, tokenizer, records, None, **kwargs)

@@ -1,0 +1,95 @@
+"""One training run end to end: records -> split -> tokens -> trainer -> loop -> artifact (+ eval)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prompt_store import Artifact, save, validate_artifact
+from training.data import Record, load_jsonl, pad_token_id, split, tokenize
+from training.eval import EvalResult, evaluate_artifact
+from training.loop import TrainConfig, TrainResult, train
+from training.methods import build
+from training.methods.base import TrainableMethod
+from training.model import LoadedModel
+
+ARTIFACT_NAME = "artifact.safetensors"
+
+
+@dataclass
+class DataSplit:
+    train: list[Record]
+    eval: list[Record]
+
+
+@dataclass
+class TaskRun:
+    """What a run produced: the trainer, its artifact (and where it was saved), losses, eval results."""
+
+    method: TrainableMethod
+    artifact: Artifact
+    result: TrainResult
+    data: DataSplit
+    artifact_path: Path | None = None
+    evaluation: dict[str, EvalResult] = field(default_factory=dict)
+
+
+def load_split(
+    paths: Sequence[str | Path], eval_fraction: float = 0.1, seed: int = 0, max_eval: int | None = None
+) -> DataSplit:
+    """Each file is split on its own (so every task is represented in eval), then concatenated."""
+    train_recs: list[Record] = []
+    eval_recs: list[Record] = []
+    for path in paths:
+        tr, ev = split(load_jsonl(path), eval_fraction, seed, max_eval)
+        train_recs += tr
+        eval_recs += ev
+    return DataSplit(train_recs, eval_recs)
+
+
+def train_task(
+    lm: LoadedModel,
+    method_name: str,
+    data: DataSplit,
+    task_id: str,
+    train_cfg: TrainConfig,
+    method_options: dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    chat: bool | None = None,
+    max_length: int = 512,
+    export_dtype: torch.dtype = torch.float32,
+    run_eval: bool = False,
+    max_new_tokens: int | None = None,
+) -> TaskRun:
+    """Train one method on one task; saves `artifact.safetensors` (+ log, loss curve, eval) under out_dir."""
+    examples = tokenize(data.train, lm.tokenizer, chat=chat, max_length=max_length)
+    method = build(method_name, lm.model, lm.tokenizer, **(method_options or {}))
+    result = train(method, lm.model, examples, train_cfg, pad_token_id(lm.tokenizer), out_dir, resume)
+    base = lm.fingerprint()
+    artifact = method.export(
+        task_id, base, dtype=export_dtype, notes=f"trained by softserve-train ({method_name})"
+    )
+    validate_artifact(artifact, base)
+    run = TaskRun(method=method, artifact=artifact, result=result, data=data)
+    if out_dir is not None:
+        run.artifact_path = save(artifact, Path(out_dir) / ARTIFACT_NAME)
+    if run_eval and data.eval:
+        run.evaluation = evaluate_artifact(
+            lm.model,
+            lm.tokenizer,
+            artifact,
+            data.eval,
+            chat=chat,
+            max_new_tokens=max_new_tokens,
+            model_name=lm.name,
+        )
+        if out_dir is not None:
+            report = {k: v.to_dict() for k, v in run.evaluation.items()}
+            (Path(out_dir) / "eval.json").write_text(json.dumps(report, indent=1))
+    return run
