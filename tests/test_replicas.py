@@ -1,0 +1,128 @@
+"""Two real `softserve serve` processes on one real Redis: an upload through one is served by the other."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from api_helpers import VOCAB, prompt_artifact_bytes
+from conftest import free_port, tiny_llama
+from tiny_tokenizer import tiny_tokenizer
+
+from prompt_store import Fingerprint
+
+STARTUP_S = 90.0
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Fingerprint]:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_llama(seed=0, vocab_size=VOCAB)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder, Fingerprint.from_model(model, str(folder))
+
+
+def start_server(model_dir: Path, store: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "SOFTSERVE_STORE_POLL_INTERVAL": "0.5",
+        "SOFTSERVE_LOG_LEVEL": "WARNING",
+    }
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--model", str(model_dir), "--store", store]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not ready after {STARTUP_S} s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture()
+def two_replicas(tiny_model_dir, redis_url: str, tmp_path: Path) -> Iterator[tuple[str, str, Fingerprint]]:  # type: ignore[no-untyped-def]
+    folder, fingerprint = tiny_model_dir
+    procs = [start_server(folder, redis_url, tmp_path / f"server{i}.log") for i in range(2)]
+    try:
+        for i, (proc, url) in enumerate(procs):
+            wait_ready(proc, url, tmp_path / f"server{i}.log")
+        yield procs[0][1], procs[1][1], fingerprint
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+        for proc, _ in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def served_version(url: str, task_id: str) -> int | None:
+    r = httpx.post(
+        f"{url}/generate", json={"task_id": task_id, "prompt": "hi", "max_new_tokens": 1}, timeout=10
+    )
+    return int(r.json()["task_version"]) if r.status_code == 200 else None
+
+
+def wait_for_version(url: str, task_id: str, version: int, limit_s: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        if served_version(url, task_id) == version:
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"{url} did not serve {task_id} v{version} within {limit_s} s")
+
+
+def test_upload_on_one_replica_is_served_by_the_other_within_1s(two_replicas) -> None:  # type: ignore[no-untyped-def]
+    a, b, fp = two_replicas
+    for version, seed in ((1, 1), (2, 2), (3, 3)):
+        files = {"file": ("t.safetensors", prompt_artifact_bytes("shared", fp, seed=seed))}
+        r = httpx.put(f"{a}/tasks/shared", files=files, timeout=30)
+        assert r.status_code == 201, r.text
+        assert r.json()["version"] == version
+        elapsed = wait_for_version(b, "shared", version, limit_s=1.0)
+        assert elapsed < 1.0
+    assert httpx.delete(f"{a}/tasks/shared", timeout=10).status_code == 204
+    t0 = time.monotonic()
+    while served_version(b, "shared") is not None:
+        assert time.monotonic() - t0 < 1.0, "deleted task still served by the other replica after 1 s"
+        time.sleep(0.02)
+
+
+def test_cli_manages_tasks_on_a_running_server(two_replicas, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    a, b, fp = two_replicas
+    artifact = tmp_path / "cli-task.safetensors"
+    artifact.write_bytes(prompt_artifact_bytes("cli-task", fp))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "server.cli", "tasks", "--url", a, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    pushed = cli("push", "cli-task", str(artifact))
+    assert pushed.returncode == 0, pushed.stderr
+    assert '"version": 1' in pushed.stdout
+    listed = cli("list")
+    assert listed.returncode == 0 and "cli-task" in listed.stdout
+    missing = cli("show", "no-such-task")
+    assert missing.returncode == 1 and "404" in missing.stderr
+    assert cli("delete", "cli-task").returncode == 0
+    assert "cli-task" not in cli("list").stdout
