@@ -58,7 +58,6 @@ class Usage(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_ms: float | None = None
     time_to_first_token_ms: float | None
     total_ms: float
 
