@@ -8,7 +8,6 @@ thread (`start_watch`) or by the caller.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -36,7 +35,7 @@ class _Served:
     method: str
 
 
-@dataclass
+@dataclass(eq=False)
 class Lease:
     """One pinned serving form; release it (or leave the `with` block) when the request is done."""
 
@@ -88,20 +87,23 @@ class ServingCache:
         self._lru: ByteLRU[CacheKey, _Served] = ByteLRU(max_bytes)
         self._current: dict[str, tuple[int, str | None]] = {}  # task -> (version, sha256 if known)
         self._lock = threading.Lock()
-        self._hits = 0
-        self._misses = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ---- counters ----------------------------------------------------------------------------------------
 
     @property
+    def lru(self) -> ByteLRU[CacheKey, _Served]:
+        """The underlying LRU (read its counters; do not modify it)."""
+        return self._lru
+
+    @property
     def hits(self) -> int:
-        return self._hits
+        return self._lru.hits
 
     @property
     def misses(self) -> int:
-        return self._misses
+        return self._lru.misses
 
     @property
     def evictions(self) -> int:
@@ -115,13 +117,15 @@ class ServingCache:
         return len(self._lru)
 
     def stats(self) -> dict[str, int]:
+        with self._lock:
+            tasks = len(self._current)
         return {
             "hits": self.hits,
             "misses": self.misses,
             "evictions": self.evictions,
             "bytes": self.bytes,
             "entries": len(self),
-            "tasks": len(self._current),
+            "tasks": tasks,
         }
 
     def resident_keys(self) -> list[CacheKey]:
@@ -143,10 +147,14 @@ class ServingCache:
             return self._lease(task_id, version, self._known_sha(task_id, version))
         ref = self._resolve(task_id)
         try:
-            return self._lease(task_id, *ref)
+            lease = self._lease(task_id, *ref)
         except NotFound:
-            self._forget(task_id, ref)  # deleted (and maybe re-created) without an event reaching us
-            return self._lease(task_id, *self._resolve(task_id))
+            self._replace_memo(task_id, ref, None)  # deleted (maybe re-created) and no event reached us
+            ref = self._resolve(task_id)
+            lease = self._lease(task_id, *ref)
+        if ref != (lease.version, lease.sha256):
+            self._replace_memo(task_id, ref, (lease.version, lease.sha256))  # now the sha is known
+        return lease
 
     def _resolve(self, task_id: str) -> tuple[int, str | None]:
         """The memoised current (version, sha256), asking the store on first use."""
@@ -171,16 +179,19 @@ class ServingCache:
         return None
 
     def _lease(self, task_id: str, version: int, sha256: str | None) -> Lease:
-        if sha256 is not None:
-            key = (task_id, version, sha256)
-            served = self._lru.get(key, pin=True)
-            if served is not None:
-                self._count(hit=True)
-                return self._make_lease(key, served)
-        self._count(hit=False)
-        artifact = self.store.get(task_id, version)
+        """Pin (task, version, sha256), converting on a miss; an unknown sha256 is read from the store."""
+        artifact = None
+        if sha256 is None:
+            artifact = self.store.get(task_id, version)
+            sha256 = artifact.sha256
+        key = (task_id, version, sha256)
+        served = self._lru.get(key, pin=True)
+        if served is not None:
+            return self._make_lease(key, served)
+        if artifact is None:
+            artifact = self.store.get(task_id, version)
+        key = (task_id, artifact.version, artifact.sha256)  # the memo's sha may be stale (re-created task)
         served = self._convert(artifact)
-        key = (task_id, artifact.version, artifact.sha256)
         resident = self._lru.put(key, served, served.prompt.nbytes(), pin=True)
         return self._make_lease(key, resident)
 
@@ -197,31 +208,63 @@ class ServingCache:
         task_id, version, sha256 = key
         return Lease(task_id, version, sha256, served.method, served.prompt, _release=self._lru.unpin)
 
-    def _count(self, hit: bool) -> None:
-        with self._lock:
-            if hit:
-                self._hits += 1
-            else:
-                self._misses += 1
-
     # ---- change events -----------------------------------------------------------------------------------
 
     def apply(self, event: ChangeEvent) -> None:
-        """Move the memoised current version of a task; unpinned entries of other versions are dropped."""
+        """Move the memoised current version of a task; unpinned entries of other versions are dropped.
+
+        An event older than the memo is either stale (a poll read just before a newer put, or this
+        replica's own upload reported after another replica's) or a delete + re-create whose delete
+        was missed; the store decides which.
+        """
         with self._lock:
-            if event.version == 0:
-                self._current.pop(event.task_id, None)
-            else:
-                self._current[event.task_id] = (event.version, event.sha256 or None)
+            ref = self._current.get(event.task_id)
+            in_order = event.version == 0 or ref is None or event.version >= ref[0]
+            if in_order:
+                self._set_memo(event)
+        if not in_order:
+            confirmed = self._confirm(event.task_id)
+            if confirmed is None:
+                return  # the store cannot tell right now: keep the memo
+            with self._lock:
+                if self._current.get(event.task_id) != ref:
+                    return  # moved meanwhile by a newer event: it wins
+                self._set_memo(confirmed)
+            event = confirmed
         resident = self._lru.keys()  # a snapshot list
         for key in resident:
             if key[0] == event.task_id and key[1] != event.version:
                 self._lru.pop(key)  # no-op for pinned entries; they go after their last release
 
-    def _forget(self, task_id: str, ref: tuple[int, str | None]) -> None:
+    def _set_memo(self, event: ChangeEvent) -> None:
+        """Record an event in the memo (caller holds the lock)."""
+        if event.version == 0:
+            self._current.pop(event.task_id, None)
+        else:
+            self._current[event.task_id] = (event.version, event.sha256 or None)
+
+    def _confirm(self, task_id: str) -> ChangeEvent | None:
+        """The store's current pointer of a task as an event (version 0 when gone; None on failure)."""
+        try:
+            info = self.store.info(task_id)
+        except NotFound:
+            return ChangeEvent(task_id, 0, "")
+        except StoreError as exc:
+            log.warning("could not confirm an out-of-order event for %r: %s", task_id, exc)
+            return None
+        return ChangeEvent(task_id, info.version, info.sha256)
+
+    def _replace_memo(
+        self, task_id: str, expected: tuple[int, str | None], new: tuple[int, str | None] | None
+    ) -> None:
+        """Compare-and-set of one memo entry (an event applied meanwhile wins)."""
         with self._lock:
-            if self._current.get(task_id) == ref:
+            if self._current.get(task_id) != expected:
+                return
+            if new is None:
                 del self._current[task_id]
+            else:
+                self._current[task_id] = new
 
     def start_watch(self, poll_interval: float = 1.0) -> None:
         """Follow store.watch() in a daemon thread, feeding apply(); restarts the watch after errors."""
@@ -254,5 +297,4 @@ class ServingCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            self.stop_watch()
+        self.stop_watch()

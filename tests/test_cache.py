@@ -163,6 +163,33 @@ def test_a_memo_naming_a_vanished_version_is_refreshed(store: DiskStore, cache: 
     assert cache.current("gone") is None and len(cache) == 1
 
 
+def test_a_wrong_sha_in_an_event_does_not_cause_endless_misses(store: DiskStore, cache: ServingCache) -> None:
+    artifact = build("sha")
+    store.put(artifact)
+    cache.apply(ChangeEvent("sha", 1, "0" * 64))  # e.g. re-created under the same version number
+    with cache.acquire("sha") as lease:
+        assert lease.sha256 == artifact.sha256
+    assert cache.misses == 1
+    cache.acquire("sha").release()
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert (cache.lru.hits, cache.lru.misses, cache.lru.bytes) == (cache.hits, cache.misses, cache.bytes)
+
+
+def test_an_out_of_order_event_is_checked_against_the_store(store: DiskStore, cache: ServingCache) -> None:
+    shas = {store.put(build("order", seed=i)): build("order", seed=i).sha256 for i in range(3)}
+    cache.apply(ChangeEvent("order", 3, shas[3]))
+    cache.apply(ChangeEvent("order", 2, shas[2]))  # e.g. this replica's own upload, reported late
+    assert cache.current("order") == 3
+    store.delete("order")
+    store.put(build("order", seed=9))
+    cache.apply(ChangeEvent("order", 1, build("order", seed=9).sha256))  # the delete was never reported
+    assert cache.current("order") == 1
+    with cache.acquire("order") as lease:
+        assert torch.equal(lease.prompt.embeds, build("order", seed=9).tensors["prompt"])
+    cache.apply(ChangeEvent("order", 0))
+    assert cache.current("order") is None
+
+
 def test_delete_event_forgets_the_task(store: DiskStore, cache: ServingCache) -> None:
     store.put(build("del"))
     cache.acquire("del").release()

@@ -13,6 +13,7 @@ from store_helpers import INVALID_IDS, assert_same_tensors, build, wait_for, wat
 
 from prompt_store import ArtifactFormatError, InvalidTaskId, StoreUnavailable, load
 from prompt_store.backends import ChangeEvent, DiskStore, RedisStore, open_store
+from prompt_store.backends.common import pointer_changes
 
 
 def tree(path: Path) -> set[str]:
@@ -173,6 +174,31 @@ def test_watch_reports_each_change_once(store: DiskStore) -> None:
         wait_for(lambda: len(events) == 2, timeout=2)
         time.sleep(0.05)
         assert events[1:] == [ChangeEvent("after", 0, "")]
+
+
+def test_pointer_changes() -> None:
+    old = {"kept": (2, "a"), "moved": (1, "a"), "gone": (3, "a"), "again": (4, "a"), "same-v": (1, "a")}
+    new = {"kept": (2, "a"), "moved": (2, "b"), "again": (1, "c"), "same-v": (1, "d"), "born": (1, "e")}
+    assert pointer_changes(old, new) == [
+        ChangeEvent("gone", 0, ""),
+        ChangeEvent("again", 0, ""),  # went backwards: deleted and re-created in between
+        ChangeEvent("again", 1, "c"),
+        ChangeEvent("born", 1, "e"),
+        ChangeEvent("moved", 2, "b"),
+        ChangeEvent("same-v", 0, ""),  # same number, other content: re-created too
+        ChangeEvent("same-v", 1, "d"),
+    ]
+
+
+def test_watch_reports_a_fast_delete_and_recreate(store: DiskStore) -> None:
+    store.put(build("flip", seed=1))
+    store.put(build("flip", seed=2))
+    with watching(store, poll_interval=0.3, writer=store) as events:
+        store.delete("flip")
+        store.put(build("flip", seed=3))  # both within one poll interval
+        sha = store.info("flip").sha256
+        wait_for(lambda: len(events) == 2, timeout=2)
+        assert events == [ChangeEvent("flip", 0, ""), ChangeEvent("flip", 1, sha)]
 
 
 def test_ping_and_open_store(tmp_path: Path) -> None:

@@ -22,31 +22,19 @@ import os
 import shutil
 import struct
 import tempfile
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from prompt_store.artifact import (
-    METADATA_KEY,
-    _parse_manifest,
-    _read_header,
-    load,
-    tensors_sha256,
-    to_bytes,
-    with_version,
-)
+from prompt_store.artifact import METADATA_KEY, _parse_manifest, _read_header, load
 from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
-from prompt_store.errors import ArtifactFormatError, NotFound, StoreError, StoreUnavailable, TooLarge
+from prompt_store.backends.common import Pointer, check_artifact, pointer_changes, serialise, stop_event
+from prompt_store.errors import ArtifactFormatError, NotFound, StoreError, StoreUnavailable
 from prompt_store.task_id import validate_task_id
 from prompt_store.types import Artifact, Limits, Manifest
-from prompt_store.validation import validate_artifact
 
 CURRENT = "CURRENT"
 _SUFFIX = ".safetensors"
-
-# A pointer as read from CURRENT: (version, sha256).
-Pointer = tuple[int, str]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,32 +83,6 @@ def read_manifest(path: Path, limits: Limits) -> Manifest:
     if not isinstance(meta, dict) or METADATA_KEY not in meta:
         raise ArtifactFormatError(f"{path.name}: no softserve manifest in the header", field="manifest")
     return _parse_manifest(meta, limits)
-
-
-def check_artifact(artifact: Artifact, limits: Limits) -> None:
-    """What every backend checks before storing: method validity, size, and a sha256 that matches."""
-    validate_artifact(artifact, None, limits)
-    if artifact.nbytes() > limits.max_file_bytes:
-        raise TooLarge(f"artifact has {artifact.nbytes()} tensor bytes; the limit is {limits.max_file_bytes}")
-    if tensors_sha256(artifact.tensors) != artifact.sha256:
-        raise ArtifactFormatError("manifest sha256 does not match the tensors", field="sha256")
-
-
-def serialise(artifact: Artifact, version: int, limits: Limits) -> bytes:
-    """The stored bytes of an artifact: its safetensors file with manifest.version set."""
-    data = to_bytes(with_version(artifact, version))
-    if len(data) > limits.max_file_bytes:
-        raise TooLarge(f"artifact is {len(data)} bytes; the limit is {limits.max_file_bytes}", field="file")
-    return data
-
-
-def stop_event(stop: object | None) -> threading.Event:
-    """The `stop` argument of Store.watch as an Event (a fresh, never-set one when None)."""
-    if stop is None:
-        return threading.Event()
-    if not isinstance(stop, threading.Event):
-        raise TypeError(f"stop must be a threading.Event, got {type(stop).__name__}")
-    return stop
 
 
 class DiskStore(Store):
@@ -262,22 +224,18 @@ class DiskStore(Store):
             (self._locks / f"{task_id}.lock").unlink(missing_ok=True)
 
     def watch(self, stop: object | None = None, poll_interval: float = 1.0) -> Iterator[ChangeEvent]:
-        """Poll the CURRENT pointers every `poll_interval` s and yield one event per change.
+        """Poll the CURRENT pointers (their content) every `poll_interval` s; yield one event per change.
 
         The state when iteration starts is the baseline (no events for it). A vanished task yields
-        version 0. The iterator ends once `stop` is set.
+        version 0 (see pointer_changes). The iterator ends once `stop` is set.
         """
         event = stop_event(stop)
-        stats: dict[str, tuple[int, int]] = {}  # task -> (inode, mtime_ns) of CURRENT
-        seen = self._scan(stats, {})
+        seen = self._scan()
         while not event.wait(poll_interval):
-            fresh = self._scan(stats, seen)
-            for task_id in sorted(seen.keys() - fresh.keys()):
-                yield ChangeEvent(task_id, 0, "")
-            for task_id, pointer in sorted(fresh.items()):
-                if seen.get(task_id) != pointer:
-                    yield ChangeEvent(task_id, pointer[0], pointer[1])
+            fresh = self._scan()
+            changes = pointer_changes(seen, fresh)
             seen = fresh
+            yield from changes
 
     def ping(self) -> None:
         if not (self._tasks.is_dir() and os.access(self._tasks, os.W_OK | os.X_OK)):
@@ -303,23 +261,17 @@ class DiskStore(Store):
             return []
         return sorted(n for n in names if not n.startswith("."))
 
-    def _scan(self, stats: dict[str, tuple[int, int]], previous: dict[str, Pointer]) -> dict[str, Pointer]:
-        """Current pointers of all tasks; re-reads a CURRENT file only when its inode or mtime changed."""
+    def _scan(self) -> dict[str, Pointer]:
+        """Every task's current pointer.
+
+        The pointer files are read every time (a few dozen bytes each): an inode/mtime check could miss
+        a flip, since inodes are reused and mtimes are only as fine as the kernel's clock tick.
+        """
         out: dict[str, Pointer] = {}
         for task_id in self._task_ids():
             path = self._tasks / task_id / CURRENT
-            try:
-                st = os.stat(path)
-                stamp = (st.st_ino, st.st_mtime_ns)
-                if stats.get(task_id) == stamp and task_id in previous:
-                    out[task_id] = previous[task_id]
-                    continue
+            with contextlib.suppress(OSError, StoreError):  # vanished or half-created: next poll
                 out[task_id] = _parse_pointer(path.read_text(encoding="ascii"), path)
-                stats[task_id] = stamp
-            except (OSError, StoreError):
-                stats.pop(task_id, None)
-        for gone in stats.keys() - out.keys():
-            del stats[gone]
         return out
 
     @staticmethod

@@ -21,24 +21,21 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-import logging
-import time
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import cast
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.client import Pipeline, PubSub
+from redis.client import Pipeline
 from redis.retry import Retry
 
 from prompt_store.artifact import METADATA_KEY, _parse_manifest, from_bytes, with_version
 from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
-from prompt_store.backends.disk import Pointer, check_artifact, serialise, stop_event
+from prompt_store.backends.common import check_artifact, serialise, stop_event
+from prompt_store.backends.redis_watch import RedisWatch, decode_pointer, text
 from prompt_store.errors import ArtifactFormatError, InvalidTaskId, NotFound, StoreUnavailable
 from prompt_store.task_id import validate_task_id
 from prompt_store.types import Artifact, Limits
-
-log = logging.getLogger(__name__)
 
 # KEYS: current, tasks, seq. ARGV: version, sha256, task_id, event JSON, channel.
 # Returns 1 when the pointer moved to ARGV[1], 0 when an equal or newer version is already current.
@@ -53,8 +50,6 @@ redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[4])
 return 1
 """
-
-Client = redis.Redis | Pipeline
 
 
 class Keys:
@@ -94,18 +89,6 @@ def _io() -> Iterator[None]:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise StoreUnavailable(f"redis is unreachable: {exc}") from exc
-
-
-def _text(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")
-
-
-def _pointer(raw: dict[Any, Any]) -> Pointer | None:
-    """Decode HGETALL of a current pointer ({} when missing)."""
-    fields = {_text(k): _text(v) for k, v in raw.items()}
-    if not fields.get("version", "").isdigit():
-        return None
-    return int(fields["version"]), fields.get("sha256", "")
 
 
 class RedisStore(Store):
@@ -207,14 +190,14 @@ class RedisStore(Store):
         validate_task_id(task_id)
         with _io():
             if version is None:
-                pointer = _pointer(self.client.hgetall(self.keys.current(task_id)))
+                pointer = decode_pointer(self.client.hgetall(self.keys.current(task_id)))
                 if pointer is None:
                     raise NotFound(f"task {task_id!r} not found", field="task_id")
                 version = pointer[0]
             raw_manifest = self.client.get(self.keys.manifest(task_id, version))
             if raw_manifest is None:
                 raise NotFound(f"task {task_id!r} has no version {version}", field="version")
-            manifest = _parse_manifest({METADATA_KEY: _text(raw_manifest)}, self.limits)
+            manifest = _parse_manifest({METADATA_KEY: text(raw_manifest)}, self.limits)
             blob = self.client.get(self.keys.blob(task_id, manifest.sha256))
         if blob is None:
             raise NotFound(f"task {task_id!r} version {version} was deleted", field="version")
@@ -238,7 +221,7 @@ class RedisStore(Store):
         task_ids = []
         for raw in members:
             with contextlib.suppress(InvalidTaskId):
-                task_ids.append(validate_task_id(_text(raw)))
+                task_ids.append(validate_task_id(text(raw)))
         return self._infos(sorted(task_ids))
 
     def delete(self, task_id: str) -> None:
@@ -254,7 +237,7 @@ class RedisStore(Store):
                         raise NotFound(f"task {task_id!r} not found", field="task_id")
                     # after WATCH the pipeline runs commands immediately and returns their results
                     versions = [int(v) for v in cast("set[bytes]", pipe.smembers(k.versions(task_id)))]
-                    shas = [_text(s) for s in cast("set[bytes]", pipe.smembers(k.blobs(task_id)))]
+                    shas = [text(s) for s in cast("set[bytes]", pipe.smembers(k.blobs(task_id)))]
                     pipe.multi()
                     manifests = [k.manifest(task_id, v) for v in versions]
                     pipe.delete(*watched, *manifests, *[k.blob(task_id, s) for s in shas])
@@ -268,32 +251,10 @@ class RedisStore(Store):
     def watch(self, stop: object | None = None, poll_interval: float = 1.0) -> Iterator[ChangeEvent]:
         """Pub/sub events plus a poll of every pointer each `poll_interval` s, deduplicated per task.
 
-        The state when iteration starts is the baseline. A pub/sub message only ever moves a task
-        forward (it may be older than what a poll already saw); a poll is the truth and may move it
-        anywhere (e.g. deleted and re-created while a message was lost). Connection failures are
+        The state when iteration starts is the baseline (see RedisWatch). Connection failures are
         retried quietly; the iterator ends once `stop` is set.
         """
-        event = stop_event(stop)
-        subscription = self._subscribe()
-        seen = self._poll_pointers() or {}
-        next_poll = time.monotonic() + poll_interval
-        try:
-            while not event.is_set():
-                wait = max(0.0, min(next_poll - time.monotonic(), 0.2))
-                if subscription is None:
-                    event.wait(wait)
-                else:
-                    message, subscription = self._next_message(subscription, wait)
-                    if message is not None and self._is_news(message, seen):
-                        yield message
-                if time.monotonic() >= next_poll and not event.is_set():
-                    next_poll = time.monotonic() + poll_interval
-                    if subscription is None:
-                        subscription = self._subscribe()
-                    yield from self._poll_changes(seen)
-        finally:
-            if subscription is not None:
-                subscription.close()
+        return RedisWatch(self).events(stop_event(stop), poll_interval)
 
     def ping(self) -> None:
         with _io():
@@ -324,7 +285,7 @@ class RedisStore(Store):
                     pipe.hgetall(k.current(task_id))
                     pipe.smembers(k.versions(task_id))
                 raw = pipe.execute()
-            pointers = [(t, _pointer(raw[2 * i]), raw[2 * i + 1]) for i, t in enumerate(task_ids)]
+            pointers = [(t, decode_pointer(raw[2 * i]), raw[2 * i + 1]) for i, t in enumerate(task_ids)]
             live = [(t, p, vs) for t, p, vs in pointers if p is not None]
             with self.client.pipeline(transaction=False) as pipe:
                 for task_id, pointer, _ in live:
@@ -334,7 +295,7 @@ class RedisStore(Store):
         for (task_id, pointer, versions), raw_manifest in zip(live, manifests, strict=True):
             if raw_manifest is None:
                 continue  # deleted between the two round trips
-            data = json.loads(_text(raw_manifest))
+            data = json.loads(text(raw_manifest))
             out.append(
                 TaskInfo(
                     task_id=task_id,
@@ -346,85 +307,3 @@ class RedisStore(Store):
                 )
             )
         return out
-
-    def _poll_pointers(self) -> dict[str, Pointer] | None:
-        """Every task's current pointer, or None when Redis cannot be reached."""
-        try:
-            members = self.client.smembers(self.keys.tasks)
-            task_ids = sorted(_text(m) for m in members)
-            with self.client.pipeline(transaction=False) as pipe:
-                for task_id in task_ids:
-                    pipe.hgetall(self.keys.current(task_id))
-                raw = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("redis store poll failed: %s", exc)
-            return None
-        out = {}
-        for task_id, fields in zip(task_ids, raw, strict=True):
-            pointer = _pointer(fields)
-            if pointer is not None:
-                out[task_id] = pointer
-        return out
-
-    def _poll_changes(self, seen: dict[str, Pointer]) -> Iterator[ChangeEvent]:
-        """Events that bring `seen` up to date with a fresh poll (updating `seen` as they are yielded)."""
-        fresh = self._poll_pointers()
-        if fresh is None:
-            return
-        for task_id in sorted(seen.keys() - fresh.keys()):
-            del seen[task_id]
-            yield ChangeEvent(task_id, 0, "")
-        for task_id, pointer in sorted(fresh.items()):
-            if seen.get(task_id) != pointer:
-                seen[task_id] = pointer
-                yield ChangeEvent(task_id, pointer[0], pointer[1])
-
-    @staticmethod
-    def _is_news(message: ChangeEvent, seen: dict[str, Pointer]) -> bool:
-        """Dedupe a pub/sub event against what was already reported for its task (updating `seen`)."""
-        known = seen.get(message.task_id)
-        if message.version == 0:
-            if known is None:
-                return False
-            del seen[message.task_id]
-            return True
-        if known is not None and message.version <= known[0]:
-            return False
-        seen[message.task_id] = (message.version, message.sha256)
-        return True
-
-    def _subscribe(self) -> PubSub | None:
-        """A subscription on its own connection, or None (pub/sub disabled or Redis unreachable)."""
-        if not self.use_pubsub:
-            return None
-        subscription = self.client.pubsub(ignore_subscribe_messages=True)
-        try:
-            subscription.subscribe(self.keys.events)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("redis store subscribe failed: %s", exc)
-            subscription.close()
-            return None
-        return subscription
-
-    def _next_message(self, subscription: PubSub, timeout: float) -> tuple[ChangeEvent | None, PubSub | None]:
-        """Wait up to `timeout` for one event; a broken subscription is dropped (the poll resubscribes)."""
-        try:
-            raw = subscription.get_message(timeout=timeout)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            log.warning("redis store subscription lost: %s", exc)
-            subscription.close()
-            time.sleep(min(timeout, 0.05))
-            return None, None
-        if raw is None or raw.get("type") != "message":
-            return None, subscription
-        return self._decode_event(raw.get("data")), subscription
-
-    @staticmethod
-    def _decode_event(data: Any) -> ChangeEvent | None:
-        try:
-            body = json.loads(_text(data))
-            event = ChangeEvent(validate_task_id(body["task_id"]), int(body["version"]), str(body["sha256"]))
-        except (ValueError, KeyError, TypeError, InvalidTaskId):
-            log.warning("ignoring malformed store event %r", data)
-            return None
-        return event if event.version >= 0 else None
