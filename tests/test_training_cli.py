@@ -1,0 +1,174 @@
+"""Training data, metrics, recipes, model-cache resolution, accelerate, and the softserve-train CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import tiny_llama
+from tiny_tokenizer import tiny_tokenizer
+
+from prompt_store import Fingerprint, from_bytes, load, validate_artifact
+from training import cli
+from training.data import Formatter, Record, collate, load_jsonl, split, tokenize
+from training.eval import rouge_l, score
+from training.loop import TrainConfig, train
+from training.methods import build, config_for
+from training.model import COMPLETE_MARKER, default_cache_dir, ensure_smollm2
+from training.recipes.make_recipes import RECIPES, generate, recipe_path
+
+
+def test_chat_tokenisation_matches_the_server_and_labels_only_the_answer() -> None:
+    tok = tiny_tokenizer()
+    ex = tokenize([Record("hello", "yes")], tok)[0]
+    server = tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )
+    assert list(ex.prompt_ids) == tok(server, add_special_tokens=False)["input_ids"]
+    assert tok.decode(list(ex.target_ids)) == "yes</s>"
+    batch = collate([ex, tokenize([Record("a", "no")], tok)[0]], pad_id=0)
+    assert batch.labels[0].tolist() == [-100] * len(ex.prompt_ids) + list(ex.target_ids)
+    assert batch.attention_mask[1].sum() < batch.attention_mask[0].sum() and batch.labels[1, -1] == -100
+
+
+def test_plain_tokenisation_without_a_chat_template() -> None:
+    tok = tiny_tokenizer()
+    ex = tokenize([Record("2+2=", "4")], tok, chat=False)[0]
+    assert list(ex.prompt_ids) == tok("2+2=")["input_ids"]
+    assert list(ex.target_ids) == tok("4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert Formatter(tok).with_instruction("Add.", "2+2=") == "Add.\n\n2+2="
+
+
+def test_jsonl_loading_and_a_deterministic_split(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(20)) + "\n"
+    )
+    recs = load_jsonl(path)
+    train_a, eval_a = split(recs, 0.2, seed=3)
+    train_b, eval_b = split(recs, 0.2, seed=3)
+    assert (train_a, eval_a) == (train_b, eval_b) and len(eval_a) == 4
+    assert sorted(r.input for r in train_a + eval_a) == sorted(r.input for r in recs)
+    path.write_text('{"input": "x"}\n')
+    with pytest.raises(ValueError, match=":1:"):
+        load_jsonl(path)
+
+
+def test_rouge_l_and_exact_match() -> None:
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("", "x") == 0.0 and rouge_l("x y", "z") == 0.0
+    res = score(["yes", " no ", "maybe"], ["yes", "no", "no"])
+    assert res.exact_match == pytest.approx(2 / 3) and res.n == 3
+
+
+def test_recipes_are_deterministic_and_shipped() -> None:
+    for name in RECIPES:
+        rows = generate(name)
+        shipped = [json.loads(line) for line in recipe_path(name).read_text().splitlines()]
+        assert rows == shipped and len(rows) == 300
+        assert len({r["input"] for r in rows}) == 300 and all(r["instruction"] for r in rows)
+
+
+def test_method_options_are_checked() -> None:
+    assert config_for("p_tuning", encoder_type="lstm").encoder_type == "lstm"
+    with pytest.raises(ValueError, match="does not take"):
+        config_for("prompt_tuning", encoder_type="lstm")
+    with pytest.raises(ValueError, match="unknown method"):
+        config_for("lora")
+
+
+def test_model_cache_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOFTSERVE_MODEL_CACHE", str(tmp_path / "m"))
+    assert default_cache_dir() == tmp_path / "m"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / COMPLETE_MARKER).write_text("x")
+    assert ensure_smollm2() == tmp_path / "m"  # a complete cache is used as is, nothing is converted
+
+
+def test_accelerate_single_process_matches_the_plain_loop() -> None:
+    model, tok = tiny_llama(vocab_size=259).requires_grad_(False), tiny_tokenizer()
+    examples = tokenize([Record(f"n{i}", "yes" if i % 2 else "no") for i in range(8)], tok)
+    runs = []
+    for use in (False, True):
+        cfg = TrainConfig(steps=3, batch_size=4, lr=5e-2, progress=False, use_accelerate=use)
+        runs.append(
+            train(build("prompt_tuning", model, tok, num_virtual_tokens=2), model, examples, cfg).losses
+        )
+    assert runs[0] == pytest.approx(runs[1], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(vocab_size=259).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _jsonl(path: Path) -> Path:
+    instruction = "Say yes for odd numbers."
+    rows = [
+        {"instruction": instruction, "input": f"n{i}", "output": "yes" if i % 2 else "no"} for i in range(20)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_train_eval_compress_push(model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    data = _jsonl(tmp_path / "toy.jsonl")
+    common = ["--model", str(model_dir), "--data", str(data), "--max-new-tokens", "3"]
+    fast = ["--steps", "3", "--batch-size", "4", "--no-progress", "--num-virtual-tokens", "2"]
+    assert (
+        cli.main(
+            ["train", "--method", "prefix_tuning", "--out", str(tmp_path / "pt"), "--eval", *common, *fast]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "prefix_tuning" and out["task_id"] == "toy" and {"before", "after"} <= set(out)
+    for name in ("artifact.safetensors", "log.json", "loss.png", "eval.json", "checkpoint/state.json"):
+        assert (tmp_path / "pt" / name).is_file(), name
+
+    assert cli.main(["eval", "--artifact", str(tmp_path / "pt" / "artifact.safetensors"), *common]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"before", "after"}
+
+    gist = ["train", "--method", "gist", "--out", str(tmp_path / "g"), "--steps", "2", "--batch-size", "4"]
+    assert cli.main([*gist, "--no-progress", "--num-gist-tokens", "2", *common]) == 0
+    capsys.readouterr()
+    embeddings = tmp_path / "g" / "artifact.safetensors"
+    assert cli.main(["eval", "--artifact", str(embeddings), *common]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"gist", "positive_control", "negative_control"}
+    args = ["--gist-embeddings", str(embeddings), "--instruction", "Say yes.", "--task-id", "yes-task"]
+    assert (
+        cli.main(["compress", *args, "--out", str(tmp_path / "yes.safetensors"), "--model", str(model_dir)])
+        == 0
+    )
+    gist_art = load(tmp_path / "yes.safetensors")
+    fp = Fingerprint.from_model(tiny_llama(vocab_size=259), "x")
+    validate_artifact(gist_art, fp)
+    assert gist_art.manifest.method == "gist" and gist_art.tensors["keys"].shape == (2, 2, 2, 16)
+
+    assert cli.main(["push", str(tmp_path / "yes.safetensors"), "--store", str(tmp_path / "store")]) == 0
+    from prompt_store.backends import open_store
+
+    assert torch.equal(
+        open_store(str(tmp_path / "store")).get("yes-task").tensors["keys"], gist_art.tensors["keys"]
+    )
+
+    seen = {}
+
+    def fake_put(url: str, files: dict, headers: dict, timeout: float) -> httpx.Response:  # type: ignore[type-arg]
+        seen.update(url=url, headers=headers, name=files["file"][0], body=files["file"][1])
+        return httpx.Response(200, json={"task_id": "renamed", "version": 1})
+
+    monkeypatch.setattr(httpx, "put", fake_put)
+    push = ["push", str(tmp_path / "yes.safetensors"), "--server", "http://srv:8000/", "--task-id", "renamed"]
+    assert cli.main([*push, "--api-key", "k1"]) == 0
+    assert seen["url"] == "http://srv:8000/tasks/renamed" and seen["headers"] == {
+        "Authorization": "Bearer k1"
+    }
+    assert from_bytes(seen["body"]).task_id == "renamed"
