@@ -9,12 +9,12 @@ The attention mask is 1 exactly on the prefix, prompt and generated columns; pos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from server.kv_cache import SPARE_COLUMNS, SlackLayer, slack_cache
 from server.model_runner import KV, ModelRunner, layer_kv
 
 
@@ -46,7 +46,7 @@ class BatchState:
     """Running rows: KV cache (per layer [B, Hkv, T, Dh]), attention mask [B, T], next positions [B]."""
 
     def __init__(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        self.cache = cache
+        self.cache = cache  # layers are SlackLayers: decode steps append in place
         self.mask = mask  # [B, T] long
         self.positions = positions  # [B] long: position id of each row's next input token
 
@@ -62,46 +62,43 @@ class BatchState:
         """Per-layer (keys, values), each [B, Hkv, T, Dh]."""
         return [layer_kv(self.cache, i) for i in range(len(self.cache.layers))]
 
-    def _set_layer(self, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        layer: Any = self.cache.layers[i]
-        layer.keys, layer.values = keys, values
-
     def select(self, keep: list[int]) -> None:
         """Keep only rows `keep` (in that order)."""
         idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)  # [B']
         for i, (keys, values) in enumerate(self.layers()):
-            self._set_layer(i, keys.index_select(0, idx), values.index_select(0, idx))  # [B', Hkv, T, Dh]
+            kept_k, kept_v = keys.index_select(0, idx), values.index_select(0, idx)  # [B', Hkv, T, Dh] each
+            self.cache.layers[i] = SlackLayer.right_aligned([kept_k], [kept_v], self.length)
         self.mask = self.mask.index_select(0, idx)  # [B', T]
         self.positions = self.positions.index_select(0, idx)  # [B']
 
     def trim(self) -> None:
-        """Drop leading columns that are padding in every row."""
+        """Drop leading columns that are padding in every row (a view change, no copy)."""
         used = self.mask.any(dim=0)  # [T]
         first = int(torch.argmax(used.to(torch.int8))) if bool(used.any()) else self.length
         if first == 0:
             return
-        for i, (keys, values) in enumerate(self.layers()):
-            self._set_layer(i, keys[:, :, first:], values[:, :, first:])  # [B, Hkv, T - first, Dh]
+        for layer in self.cache.layers:
+            assert isinstance(layer, SlackLayer)
+            layer.drop_front(first)  # keys/values [B, Hkv, T - first, Dh]
         self.mask = self.mask[:, first:]  # [B, T - first]
 
     def merge(self, other: BatchState) -> None:
         """Append `other`'s rows after this batch's rows, left-padding both to a common length."""
         length = max(self.length, other.length)
         for i, ((k1, v1), (k2, v2)) in enumerate(zip(self.layers(), other.layers(), strict=True)):
-            keys = torch.cat([left_pad(k1, length, 2), left_pad(k2, length, 2)])  # [B+G, Hkv, T, Dh]
-            values = torch.cat([left_pad(v1, length, 2), left_pad(v2, length, 2)])  # [B+G, Hkv, T, Dh]
-            self._set_layer(i, keys, values)
+            self.cache.layers[i] = SlackLayer.right_aligned([k1, k2], [v1, v2], length)  # [B+G, Hkv, T, Dh]
         self.mask = torch.cat([left_pad(self.mask, length, 1), left_pad(other.mask, length, 1)])  # [B+G, T]
         self.positions = torch.cat([self.positions, other.positions])  # [B+G]
 
 
-def _padded_prefix(runner: ModelRunner, items: list[PrefillItem], width: int) -> DynamicCache:
-    """Per-row KV prefixes left-padded to `width` columns, as a cache with layers [G, Hkv, width, Dh]."""
-    if width == 0:
-        return runner.new_cache()
-    keys = torch.stack([left_pad(it.keys, width, 2) for it in items], dim=1)  # [L, G, Hkv, M, Dh]
-    values = torch.stack([left_pad(it.values, width, 2) for it in items], dim=1)  # [L, G, Hkv, M, Dh]
-    return runner.new_cache([(keys[i], values[i]) for i in range(keys.shape[0])])
+def _padded_prefix(runner: ModelRunner, items: list[PrefillItem], width: int, spare: int) -> DynamicCache:
+    """Per-row KV prefixes right-aligned in `width` columns: layers [G, Hkv, width (+ spare), Dh]."""
+    layers = []
+    for i in range(runner.num_layers):
+        keys = [it.keys[i][None] for it in items]  # [1, Hkv, m, Dh] each
+        values = [it.values[i][None] for it in items]  # [1, Hkv, m, Dh] each
+        layers.append(SlackLayer.right_aligned(keys, values, width, spare))
+    return slack_cache(runner.model.config, layers)
 
 
 def _prompt_embeds(runner: ModelRunner, items: list[PrefillItem], width: int) -> torch.Tensor:
@@ -124,7 +121,7 @@ def prefill(runner: ModelRunner, items: list[PrefillItem]) -> tuple[BatchState, 
     device = runner.device
     prefix_width = max(it.prefix_len for it in items)  # M
     width = max(len(it.ids) for it in items)  # N
-    cache = _padded_prefix(runner, items, prefix_width)
+    cache = _padded_prefix(runner, items, prefix_width, spare=width + SPARE_COLUMNS)
     embeds = _prompt_embeds(runner, items, width)  # [G, N, d]
     mask = torch.zeros(len(items), prefix_width + width, dtype=torch.long)  # [G, M + N]
     positions = torch.zeros(len(items), width, dtype=torch.long)  # [G, N]
