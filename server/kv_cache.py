@@ -58,8 +58,7 @@ class SlackLayer(DynamicLayer):
         self._k[:, :, self._end : self._end + n] = key_states  # [B, Hkv, n, Dh]
         self._v[:, :, self._end : self._end + n] = value_states  # [B, Hkv, n, Dh]
         self._end += n
-        self._refresh()
-        return self.keys, self.values
+        return self._refresh()
 
     def drop_front(self, n: int) -> None:
         """Forget the first n live columns (no copy)."""
@@ -71,13 +70,16 @@ class SlackLayer(DynamicLayer):
         capacity = live + max(n, live // 2, SPARE_COLUMNS)
         key_buffer = self._k.new_zeros(self._k.shape[0], self._k.shape[1], capacity, self._k.shape[3])
         value_buffer = self._v.new_zeros(self._v.shape[0], self._v.shape[1], capacity, self._v.shape[3])
-        key_buffer[:, :, :live] = self.keys  # [B, Hkv, T, Dh]
-        value_buffer[:, :, :live] = self.values  # [B, Hkv, T, Dh]
+        keys, values = self._refresh()  # [B, Hkv, T, Dh] each
+        key_buffer[:, :, :live] = keys  # [B, Hkv, T, Dh]
+        value_buffer[:, :, :live] = values  # [B, Hkv, T, Dh]
         self._k, self._v, self._start, self._end = key_buffer, value_buffer, 0, live
 
-    def _refresh(self) -> None:
-        self.keys = self._k[:, :, self._start : self._end]  # [B, Hkv, T, Dh] view
-        self.values = self._v[:, :, self._start : self._end]  # [B, Hkv, T, Dh] view
+    def _refresh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self._k[:, :, self._start : self._end]  # [B, Hkv, T, Dh] view
+        values = self._v[:, :, self._start : self._end]  # [B, Hkv, T, Dh] view
+        self.keys, self.values = keys, values
+        return keys, values
 
 
 def slack_cache(model_config: Any, layers: list[SlackLayer]) -> DynamicCache:

@@ -224,3 +224,46 @@ def test_threaded_asyncio_submit_matches_alone(llama: ModelRunner) -> None:
         engine.stop(drain_timeout=5)
     assert [tokens_of(r) for r in results] == alone
     assert all(r[-1].finish_reason == "length" for r in results)
+
+
+def test_long_generation_grows_the_cache(llama: ModelRunner) -> None:
+    """150 new tokens outgrow the cache's spare columns (buffers grow) while rows leave and join."""
+    d = llama.fingerprint.hidden_size
+    pt = random_prompt(d, 6, seed=21)
+    tp = task("long-pt", "prompt_tuning", pt)
+    model = llama.model
+    cases = [
+        Case(
+            "long-bare",
+            lambda: request(random_ids(5, 31), 150),
+            0,
+            ref_input_ids(model, random_ids(5, 31), 150),
+        ),
+        Case(
+            "long-pt",
+            lambda: request(random_ids(9, 32), 140, tp),
+            3,
+            ref_inputs_embeds(model, random_ids(9, 32), 140, pt.embeds),
+        ),
+        Case(
+            "short", lambda: request(random_ids(4, 33), 20), 70, ref_input_ids(model, random_ids(4, 33), 20)
+        ),
+    ]
+    check_cases(Engine(llama), cases)
+
+
+def test_slack_layer_matches_plain_tensors() -> None:
+    from server.kv_cache import SlackLayer
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 4, 5, generator=g), torch.randn(1, 3, 2, 5, generator=g)  # [B, Hkv, T, Dh]
+    layer = SlackLayer.right_aligned([a, b], [a + 1, b + 1], length=6, spare=1)
+    expected = torch.cat([torch.nn.functional.pad(a, (0, 0, 2, 0)), torch.nn.functional.pad(b, (0, 0, 4, 0))])
+    assert torch.equal(layer.keys, expected) and torch.equal(layer.values[:2, :, 2:], a + 1)
+    for _ in range(3):  # the second append outgrows the single spare column
+        new = torch.randn(3, 3, 1, 5, generator=g)
+        keys, _ = layer.update(new, new)
+        expected = torch.cat([expected, new], dim=2)
+        assert torch.equal(keys, expected)
+    layer.drop_front(2)
+    assert torch.equal(layer.keys, expected[:, :, 2:]) and layer.get_seq_length() == 7
