@@ -1,0 +1,262 @@
+"""Methods benchmark: train all five soft-prompt methods on SmolLM2-135M-Instruct on shipped recipes (CPU).
+
+For each task: the bare model (no prompt) is scored once, then prompt tuning, P-tuning, prefix tuning and
+ACCEPT (with SCAP) are each trained on the task's train split and scored on its held-out split through the
+exported artifact's serving form (greedy, exact match + ROUGE-L). Gist embeddings are trained once on the
+mixture of all tasks; each task's instruction is then compressed into a `gist` artifact and compared with
+the bare model given no instruction (negative control) and the full instruction (positive control).
+
+Writes bench/results/methods.md (+ .json). The defaults fit in about 30 minutes on 2 CPU cores;
+--smoke runs tiny step counts to check the plumbing (written to methods-smoke.md unless --out is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from prompt_store import to_bytes, to_serving_form  # noqa: E402
+from training.eval import EvalResult, evaluate, evaluate_gist  # noqa: E402
+from training.loop import TrainConfig  # noqa: E402
+from training.methods import compress  # noqa: E402
+from training.model import LoadedModel, load_model  # noqa: E402
+from training.pipeline import DataSplit, load_split, train_task  # noqa: E402
+from training.recipes.make_recipes import recipe_path  # noqa: E402
+
+# (method, learning rate, options); lrs picked for a short CPU budget, not tuned per task
+PLANS: list[tuple[str, float, dict[str, Any]]] = [
+    ("prompt_tuning", 3e-2, {"num_virtual_tokens": 8, "init": "text"}),
+    ("p_tuning", 3e-3, {"num_virtual_tokens": 8, "encoder_type": "mlp", "encoder_hidden_size": 256}),
+    ("prefix_tuning", 3e-3, {"num_virtual_tokens": 8, "projection_hidden_size": 256}),
+    (
+        "accept",
+        3e-2,
+        {
+            "num_virtual_tokens": 8,
+            "num_subspaces": 8,
+            "num_codewords": 16,
+            "added_length": 4,
+            "weight_lr": 3e-2,
+        }
+        | {"codebook_lr": 3e-3, "added_subspaces": 8, "added_codewords": 8},
+    ),
+]
+GIST = ("gist", 1e-2, {"num_gist_tokens": 2})
+
+
+@dataclass
+class Row:
+    task: str
+    method: str
+    params: int
+    artifact_bytes: int
+    before: EvalResult
+    after: EvalResult
+    train_s: float
+    first_loss: float
+    last_loss: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train_cfg(args: argparse.Namespace, steps: int, lr: float) -> TrainConfig:
+    warmup = max(1, steps // 10)
+    return TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, warmup_steps=warmup, progress=False)
+
+
+def eval_kw(args: argparse.Namespace) -> dict[str, Any]:
+    return {"batch_size": args.eval_batch_size}
+
+
+def run_task(
+    lm: LoadedModel, task: str, data: DataSplit, args: argparse.Namespace
+) -> tuple[EvalResult, list[Row]]:
+    before = evaluate(lm.model, lm.tokenizer, data.eval, None, **eval_kw(args))
+    log(f"{task}: bare model exact match {pct(before.exact_match)} on {before.n} held-out examples")
+    rows = []
+    for method, lr, opts in PLANS:
+        if method == "prompt_tuning":
+            opts = opts | {"init_text": data.train[0].instruction}
+        t0 = time.monotonic()
+        run = train_task(lm, method, data, task, train_cfg(args, args.steps, lr), opts)
+        secs = time.monotonic() - t0
+        after = evaluate(lm.model, lm.tokenizer, data.eval, to_serving_form(run.artifact), **eval_kw(args))
+        losses = run.result.losses
+        rows.append(
+            Row(
+                task,
+                method,
+                run.method.num_trainable(),
+                len(to_bytes(run.artifact)),
+                before,
+                after,
+                secs,
+                losses[0],
+                sum(losses[-5:]) / len(losses[-5:]),
+            )
+        )
+        log(
+            f"{task}/{method}: loss {losses[0]:.3f} -> {rows[-1].last_loss:.3f} in {secs:.0f} s, "
+            f"exact match {pct(before.exact_match)} -> {pct(after.exact_match)}"
+        )
+    return before, rows
+
+
+def run_gist(lm: LoadedModel, splits: dict[str, DataSplit], args: argparse.Namespace) -> list[Row]:
+    method, lr, opts = GIST
+    mixed = DataSplit([r for s in splits.values() for r in s.train], [])
+    t0 = time.monotonic()
+    run = train_task(lm, method, mixed, "gist-embeddings", train_cfg(args, args.gist_steps, lr), opts)
+    secs = time.monotonic() - t0
+    losses = run.result.losses
+    log(f"gist: loss {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} in {secs:.0f} s")
+    rows = []
+    for task, data in splits.items():
+        res = evaluate_gist(
+            lm.model, lm.tokenizer, run.artifact, data.eval, model_name=lm.name, **eval_kw(args)
+        )
+        instruction = data.eval[0].instruction
+        gist_art = compress(
+            lm.model, lm.tokenizer, run.artifact, instruction, task_id=task, model_name=lm.name
+        )
+        extra = {
+            "positive": res["positive_control"],
+            "embedding_bytes": len(to_bytes(run.artifact)),
+            "next_position": gist_art.manifest.method_config["next_position"],
+        }
+        rows.append(
+            Row(
+                task,
+                "gist",
+                run.method.num_trainable(),
+                len(to_bytes(gist_art)),
+                res["negative_control"],
+                res["gist"],
+                secs,
+                losses[0],
+                sum(losses[-5:]) / len(losses[-5:]),
+                extra,
+            )
+        )
+        neg, gist, pos = (pct(res[k].exact_match) for k in ("negative_control", "gist", "positive_control"))
+        log(f"{task}/gist: no instruction {neg}, gist {gist}, full instruction {pos}")
+    return rows
+
+
+def markdown(rows: list[Row], args: argparse.Namespace, lm: LoadedModel, total_s: float) -> str:
+    lines = [
+        "# methods benchmark: five soft-prompt methods on SmolLM2-135M-Instruct (CPU)",
+        "",
+        f"- model: {lm.name} (float32, cpu); torch {torch.__version__}, {torch.get_num_threads()} CPU "
+        f"threads; {platform.machine()}, {os.cpu_count()} cores",
+        f"- tasks: {', '.join(args.tasks)} (shipped recipes, training/recipes/); held-out split 10% per "
+        f"task, capped at {args.eval_size}; greedy decoding through the exported artifact's serving form",
+        f"- training: {args.steps} steps per method and task (gist: {args.gist_steps} steps on the mixture "
+        f"of all tasks), batch {args.batch_size}, AdamW, linear warmup/decay; total wall time "
+        f"{total_s / 60:.1f} min"
+        + (" — **SMOKE RUN: tiny step counts, not meaningful**" if args.smoke else ""),
+        "- before = bare model, no prompt; for gist, before = no instruction (negative control) and the last "
+        "column is the full instruction in the request (positive control)",
+        "- artifact bytes = the safetensors file the server loads (gist: the compressed instruction; the "
+        "trained gist embeddings are a separate artifact)",
+        "",
+        "| task | method | trainable params | artifact bytes | exact match before | exact match after "
+        "| ROUGE-L before | ROUGE-L after | loss first → last | train s | gist positive control |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        pos = r.extra.get("positive")
+        lines.append(
+            f"| {r.task} | {r.method} | {r.params:,} | {r.artifact_bytes:,} | {pct(r.before.exact_match)} | "
+            f"{pct(r.after.exact_match)} | {r.before.rouge_l:.3f} | {r.after.rouge_l:.3f} | "
+            f"{r.first_loss:.2f} → {r.last_loss:.2f} | {r.train_s:.0f} | "
+            + (f"{pct(pos.exact_match)} (ROUGE-L {pos.rouge_l:.3f})" if pos else "")
+            + " |"
+        )
+    lines += ["", "## sample predictions (first held-out examples)", ""]
+    for r in rows:
+        s = r.after.samples[:2]
+        shown = "; ".join(f"{x['input']!r} → {x['prediction']!r} (want {x['reference']!r})" for x in s)
+        lines.append(f"- {r.task}/{r.method}: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="sentiment,dates", help="comma-separated recipes (%(default)s)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per method and task (%(default)s)")
+    p.add_argument("--gist-steps", type=int, default=80, help="gist steps on the task mixture (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-size", type=int, default=30, help="held-out examples per task (%(default)s)")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--methods", default="all", help="comma-separated subset of the five (default: all)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="2 steps, 4 eval examples: checks the plumbing only")
+    p.add_argument("--out", default=None, help="markdown path (default bench/results/methods.md)")
+    args = p.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.smoke:
+        args.steps, args.gist_steps, args.eval_size, args.batch_size = 2, 2, 4, 2
+    default = "methods-smoke.md" if args.smoke else "methods.md"
+    args.out = Path(args.out) if args.out else ROOT / "bench" / "results" / default
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    global PLANS
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    wanted = None if args.methods == "all" else set(args.methods.split(","))
+    if wanted is not None:
+        PLANS = [p for p in PLANS if p[0] in wanted]
+    t0 = time.monotonic()
+    lm = load_model(args.model)
+    log(f"loaded {lm.name}")
+    splits = {t: load_split([recipe_path(t)], 0.1, 0, args.eval_size) for t in args.tasks}
+    rows: list[Row] = []
+    for task, data in splits.items():
+        rows += run_task(lm, task, data, args)[1]
+    if wanted is None or "gist" in wanted:
+        rows += run_gist(lm, splits, args)
+    order = [*(p[0] for p in PLANS), "gist"]
+    rows.sort(key=lambda r: (args.tasks.index(r.task), order.index(r.method)))
+    total = time.monotonic() - t0
+    text = markdown(rows, args, lm, total)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    payload = [
+        {k: v for k, v in r.__dict__.items() if k not in ("before", "after", "extra")}
+        | {"before": r.before.to_dict(), "after": r.after.to_dict()}
+        | {k: (v.to_dict() if isinstance(v, EvalResult) else v) for k, v in r.extra.items()}
+        for r in rows
+    ]
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    print(text)
+    log(f"wrote {args.out} in {total / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
