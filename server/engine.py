@@ -20,17 +20,16 @@ from typing import Any
 
 import torch
 
-from prompt_store import SoftPrompt
 from prompt_store.lru import ByteLRU
 from server.batch_state import BatchState, PrefillItem, decode_one_token, prefill
 from server.model_runner import ModelRunner
-from server.requests import GenerationRequest, TaskPrompt, TokenEvent
+from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefix
+from server.requests import GenerationRequest, TokenEvent
 from server.sampling import TextStream, make_generator, sample_tokens
 
 log = logging.getLogger("softserve.engine")
 
 Deliver = Callable[[TokenEvent], None]
-PrefixKey = tuple[str, int, str]
 
 
 class QueueFull(Exception):
@@ -39,20 +38,6 @@ class QueueFull(Exception):
 
 class EngineStopped(QueueFull):
     """The engine is stopping or stopped and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class DevicePrefix:
-    """A task version's prefix on the engine's device: KV prefix, next position, optional ACCEPT delta."""
-
-    keys: torch.Tensor  # [L, Hkv, m, Dh]
-    values: torch.Tensor  # [L, Hkv, m, Dh]
-    next_position: int
-    added: torch.Tensor | None = None  # [s, d]
-
-    def nbytes(self) -> int:
-        parts = (self.keys, self.values, self.added)
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 @dataclass
@@ -98,8 +83,7 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._abort = False
-        empty_keys, empty_values = runner.prefix_kv(SoftPrompt())  # [L, Hkv, 0, Dh] each
-        self._bare = DevicePrefix(empty_keys, empty_values, 0)
+        self._bare = bare_prefix(runner)
         # metrics
         self.tokens_generated = 0
         self.steps = 0
@@ -331,28 +315,20 @@ class Engine:
     # ---- per-row bookkeeping -----------------------------------------------------------------------------
 
     def _prefill_item(self, req: GenerationRequest) -> PrefillItem:
-        if not req.prompt_ids:
+        """Checks that would otherwise fail the whole prefill group, then the row's prefix and prompt."""
+        ids = list(req.prompt_ids)
+        if not ids:
             raise ValueError("the prompt is empty")
-        prefix = self._device_prefix(req.task)
-        return PrefillItem(
-            prefix.keys, prefix.values, prefix.next_position, list(req.prompt_ids), prefix.added
-        )
-
-    def _device_prefix(self, task: TaskPrompt | None) -> DevicePrefix:
-        """The task version's prefix from the device LRU (an embedding prefix is run once per version)."""
-        if task is None:
-            return self._bare
-        cached = self.prefix_cache.get(task.key)
-        if cached is not None:
-            return cached
-        prompt = task.prompt
-        keys, values = self.runner.prefix_kv(prompt)  # [L, Hkv, m, Dh] each
-        added = (
-            None if prompt.added is None else prompt.added.to(self.runner.device, self.runner.dtype)
-        )  # [s, d]
-        entry = DevicePrefix(keys, values, int(prompt.next_position), added)
-        _check_prefix(entry, self.runner)
-        return self.prefix_cache.put(task.key, entry, entry.nbytes())
+        vocab = self.runner.fingerprint.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        prefix = self._bare if req.task is None else device_prefix(self.runner, self.prefix_cache, req.task)
+        if prefix.next_position + len(ids) > self.runner.max_context:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) starting at position {prefix.next_position} exceeds the model "
+                f"context of {self.runner.max_context}"
+            )
+        return PrefillItem(prefix.keys, prefix.values, prefix.next_position, ids, prefix.added)
 
     def _accept_token(self, row: _Row, token: int) -> None:
         """Turn a sampled token into the row's event (and its end, if it is one)."""
@@ -376,11 +352,18 @@ class Engine:
 
     def _finish(self, row: _Row, event: TokenEvent) -> None:
         row.finished = True
-        reason = event.finish_reason or "stop"
-        self.finished[reason] = self.finished.get(reason, 0) + 1
+        log.debug(
+            "request %d finished: %s after %d tokens",
+            row.req.request_id,
+            event.finish_reason,
+            len(row.tokens),
+        )
         self._send(row.pending, event)
 
     def _send(self, pending: _Pending, event: TokenEvent) -> None:
+        """Deliver one event; a final event is counted by its finish_reason."""
+        if event.finish_reason is not None:
+            self.finished[event.finish_reason] = self.finished.get(event.finish_reason, 0) + 1
         try:
             pending.deliver(event)
         except RuntimeError:  # the receiving event loop is closed: nobody listens any more
@@ -425,18 +408,3 @@ def _leave_reason(req: GenerationRequest, now: float) -> str | None:
     if req.deadline is not None and now >= req.deadline:
         return "timeout"
     return None
-
-
-def _check_prefix(entry: DevicePrefix, runner: ModelRunner) -> None:
-    want = (runner.num_layers, runner.num_kv_heads, runner.head_dim)
-    got = tuple(entry.keys.shape[:2]) + (entry.keys.shape[3],)
-    if got != want or entry.values.shape != entry.keys.shape:
-        raise ValueError(
-            f"KV prefix has shape {list(entry.keys.shape)}; this model needs [L, Hkv, m, Dh] = {want}"
-        )
-    if entry.added is not None and (entry.added.dim() != 2 or entry.added.shape[1] != runner.hidden_size):
-        raise ValueError(
-            f"added delta has shape {list(entry.added.shape)}; expected [s, {runner.hidden_size}]"
-        )
-    if entry.next_position < entry.keys.shape[2]:
-        raise ValueError("next_position is smaller than the prefix length")

@@ -238,3 +238,15 @@ def test_text_stream_holds_back_partial_stops_and_bytes() -> None:
     stopper = TextStream(lambda ids: "xxcdyy"[: 2 * len(ids)], stop=("cd",))
     assert stopper.push(0) == ("xx", False)
     assert stopper.push(0) == ("", True)
+
+
+def test_bad_prompts_fail_only_themselves(runner: ModelRunner) -> None:
+    engine = Engine(runner)
+    out_of_vocab = enqueue(engine, request([5, 1000], 3))
+    too_long = enqueue(engine, request(list(range(3, 520)), 3))  # tiny llama: 512 positions
+    good = enqueue(engine, request([5, 6], 3))
+    while engine.active or engine.queue_depth:
+        engine.step()
+    assert "token ids must be in" in (out_of_vocab[-1].error or "")
+    assert "exceeds the model context" in (too_long[-1].error or "")
+    assert good[-1].finish_reason == "length" and engine.stats()["finished"] == {"error": 2, "length": 1}

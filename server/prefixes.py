@@ -1,0 +1,67 @@
+"""Device-side serving forms: each task version's KV prefix (+ next position, ACCEPT delta), cached by bytes.
+
+An embedding prefix (prompt tuning, P-tuning, ACCEPT) runs through the model once per task version; a KV
+prefix (prefix tuning, gist) is moved to the device once. Keys are TaskPrompt.key (task, version, sha256).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prompt_store import SoftPrompt
+from prompt_store.lru import ByteLRU
+from server.model_runner import ModelRunner
+from server.requests import TaskPrompt
+
+PrefixKey = tuple[str, int, str]
+
+
+@dataclass(frozen=True)
+class DevicePrefix:
+    """A task version's prefix on the engine's device: KV prefix, next position, optional ACCEPT delta."""
+
+    keys: torch.Tensor  # [L, Hkv, m, Dh]
+    values: torch.Tensor  # [L, Hkv, m, Dh]
+    next_position: int
+    added: torch.Tensor | None = None  # [s, d]
+
+    def nbytes(self) -> int:
+        parts = (self.keys, self.values, self.added)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def bare_prefix(runner: ModelRunner) -> DevicePrefix:
+    """The empty prefix of bare-model rows (m = 0, positions from 0)."""
+    keys, values = runner.prefix_kv(SoftPrompt())  # [L, Hkv, 0, Dh] each
+    return DevicePrefix(keys, values, 0)
+
+
+def device_prefix(
+    runner: ModelRunner, cache: ByteLRU[PrefixKey, DevicePrefix], task: TaskPrompt
+) -> DevicePrefix:
+    """The task version's device prefix from `cache`, converting (and checking) it on a miss."""
+    cached = cache.get(task.key)
+    if cached is not None:
+        return cached
+    prompt = task.prompt
+    keys, values = runner.prefix_kv(prompt)  # [L, Hkv, m, Dh] each
+    added = None if prompt.added is None else prompt.added.to(runner.device, runner.dtype)  # [s, d]
+    entry = DevicePrefix(keys, values, int(prompt.next_position), added)
+    check_prefix(entry, runner)
+    return cache.put(task.key, entry, entry.nbytes())
+
+
+def check_prefix(entry: DevicePrefix, runner: ModelRunner) -> None:
+    """Shapes the engine relies on (a bad prefix must fail its own request, not a whole prefill)."""
+    want = (runner.num_layers, runner.num_kv_heads, runner.head_dim)
+    got = (entry.keys.shape[0], entry.keys.shape[1], entry.keys.shape[3]) if entry.keys.dim() == 4 else ()
+    if got != want or entry.values.shape != entry.keys.shape:
+        shape = list(entry.keys.shape)
+        raise ValueError(f"KV prefix has shape {shape}; this model needs [L, Hkv, m, Dh] with {want}")
+    if entry.added is not None and (entry.added.dim() != 2 or entry.added.shape[1] != runner.hidden_size):
+        shape = list(entry.added.shape)
+        raise ValueError(f"added delta has shape {shape}; expected [s, {runner.hidden_size}]")
+    if entry.next_position < entry.keys.shape[2]:
+        raise ValueError("next_position is smaller than the prefix length")
