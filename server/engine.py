@@ -84,6 +84,7 @@ class Engine:
         self._stopping = False
         self._abort = False
         self._bare = bare_prefix(runner)
+        self._admitting: list[_Row] = []  # rows between their prefill and the merge into the batch
         # metrics
         self.tokens_generated = 0
         self.steps = 0
@@ -213,12 +214,14 @@ class Engine:
                 self.step()
             except Exception:  # a bug outside any forward: fail what is running, keep serving
                 log.exception("engine step failed outside a forward; failing the running batch")
+                self._fail_rows(self._admitting, "internal error")
                 self._fail_rows(self._rows, "internal error")
         self._finish_everything("cancelled")
 
     def step(self) -> None:
         """One engine iteration: retire, admit (prefill + merge), decode one token for every row."""
         now = time.monotonic()
+        before = self.tokens_generated
         self._retire(now)
         admitted = self._take_waiting(now)
         if admitted:
@@ -226,6 +229,8 @@ class Engine:
         if self._rows and self._state is not None:
             self._decode()
         self.steps += 1
+        if self.tokens_generated > before:
+            self._recent.append((time.monotonic(), self.tokens_generated - before))
 
     def _take_waiting(self, now: float) -> list[_Pending]:
         taken: list[_Pending] = []
@@ -273,6 +278,7 @@ class Engine:
             items.append(item)
         if not rows:
             return
+        self._admitting = rows
         try:
             state, logits = prefill(self.runner, items)  # logits [G, V]
             tokens = sample_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
@@ -280,9 +286,11 @@ class Engine:
             self.step_errors += 1
             log.exception("prefill of %d requests failed", len(rows))
             self._fail_rows(rows, f"prefill failed: {type(exc).__name__}: {exc}"[:300])
+            self._admitting = []
             return
         for row, token in zip(rows, tokens, strict=True):
             self._accept_token(row, token)
+        self._admitting = []
         keep = [i for i, r in enumerate(rows) if not r.finished]
         if not keep:
             return
@@ -332,23 +340,28 @@ class Engine:
 
     def _accept_token(self, row: _Row, token: int) -> None:
         """Turn a sampled token into the row's event (and its end, if it is one)."""
-        params = row.req.params
         if not row.tokens:
             self.ttft_samples.append(time.monotonic() - row.pending.submitted)
-        if token in self.runner.eos_ids:
-            row.tokens.append(token)  # fed back never: the row finishes now
+        row.tokens.append(token)
+        if token in self.runner.eos_ids:  # never fed back: the row ends here
             self._finish(row, TokenEvent(None, row.stream.flush(), finish_reason="stop"))
             return
-        row.tokens.append(token)
         self.tokens_generated += 1
-        self._recent.append((time.monotonic(), 1))
-        text, stopped = row.stream.push(token)
-        if stopped:
-            self._finish(row, TokenEvent(token, text, finish_reason="stop"))
-        elif len(row.tokens) >= params.max_new_tokens or row.next_pos >= self.runner.max_context:
-            self._finish(row, TokenEvent(token, text + row.stream.flush(), finish_reason="length"))
+        try:
+            text, stopped = row.stream.push(token)
+            if stopped:
+                event = TokenEvent(token, text, finish_reason="stop")
+            elif len(row.tokens) >= row.req.params.max_new_tokens or row.next_pos >= self.runner.max_context:
+                event = TokenEvent(token, text + row.stream.flush(), finish_reason="length")
+            else:
+                event = TokenEvent(token, text)
+        except Exception as exc:  # e.g. the tokenizer cannot decode: this row alone fails
+            log.exception("request %d: decoding its text failed", row.req.request_id)
+            event = TokenEvent(None, "", finish_reason="error", error=f"decode failed: {type(exc).__name__}")
+        if event.finish_reason is not None:
+            self._finish(row, event)
         else:
-            self._send(row.pending, TokenEvent(token, text))
+            self._send(row.pending, event)
 
     def _finish(self, row: _Row, event: TokenEvent) -> None:
         row.finished = True
@@ -366,7 +379,8 @@ class Engine:
             self.finished[event.finish_reason] = self.finished.get(event.finish_reason, 0) + 1
         try:
             pending.deliver(event)
-        except RuntimeError:  # the receiving event loop is closed: nobody listens any more
+        except Exception:  # e.g. the receiving event loop is closed: nobody listens any more
+            log.warning("request %d: event delivery failed; cancelling it", pending.req.request_id)
             pending.req.cancelled.set()
 
     def _fail_rows(self, rows: list[_Row], message: str) -> None:

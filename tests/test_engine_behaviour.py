@@ -250,3 +250,27 @@ def test_bad_prompts_fail_only_themselves(runner: ModelRunner) -> None:
     assert "token ids must be in" in (out_of_vocab[-1].error or "")
     assert "exceeds the model context" in (too_long[-1].error or "")
     assert good[-1].finish_reason == "length" and engine.stats()["finished"] == {"error": 2, "length": 1}
+
+
+def test_decode_and_delivery_failures_end_only_their_row(
+    runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(runner)
+    ids = random_ids(4, 16)
+    plain = tokens_of(engine.generate_sync(request(ids, 6)))
+    bad_token = plain[1]
+    real_decode = runner.decode
+    monkeypatch.setattr(runner, "decode", lambda t: real_decode(t) if bad_token not in t else 1 / 0)
+    failing = enqueue(engine, request(ids, 6))
+
+    def broken_deliver(event: TokenEvent) -> None:
+        raise ValueError("listener gone")
+
+    deaf = request(random_ids(5, 17), 50)
+    engine.enqueue(deaf, broken_deliver)
+    other = enqueue(engine, request(random_ids(6, 18), 6))
+    while engine.active or engine.queue_depth:
+        engine.step()
+    assert failing[-1].finish_reason == "error" and tokens_of(failing) == plain[:1]
+    assert deaf.cancelled.is_set()
+    assert other[-1].finish_reason == "length" and len(tokens_of(other)) == 6
