@@ -79,72 +79,116 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train_cfg(args: argparse.Namespace, steps: int, lr: float) -> TrainConfig:
-    warmup = max(1, steps // 10)
-    return TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, warmup_steps=warmup, progress=False)
+def mean_tail(losses: list[float], n: int = 5) -> float:
+    return sum(losses[-n:]) / len(losses[-n:])
 
 
-def eval_kw(args: argparse.Namespace) -> dict[str, Any]:
-    return {"batch_size": args.eval_batch_size}
+@dataclass
+class Bench:
+    """Run state; results are rewritten after every row, so an interrupted run still leaves a table."""
 
+    args: argparse.Namespace
+    lm: LoadedModel
+    splits: dict[str, DataSplit]
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    before: dict[str, EvalResult] = field(default_factory=dict)
+    t0: float = field(default_factory=time.monotonic)
 
-def run_task(
-    lm: LoadedModel, task: str, data: DataSplit, args: argparse.Namespace
-) -> tuple[EvalResult, list[Row]]:
-    before = evaluate(lm.model, lm.tokenizer, data.eval, None, **eval_kw(args))
-    log(f"{task}: bare model exact match {pct(before.exact_match)} on {before.n} held-out examples")
-    rows = []
-    for method, lr, opts in PLANS:
-        if method == "prompt_tuning":
-            opts = opts | {"init_text": data.train[0].instruction}
-        t0 = time.monotonic()
-        run = train_task(lm, method, data, task, train_cfg(args, args.steps, lr), opts)
-        secs = time.monotonic() - t0
-        after = evaluate(lm.model, lm.tokenizer, data.eval, to_serving_form(run.artifact), **eval_kw(args))
-        losses = run.result.losses
-        rows.append(
-            Row(
-                task,
-                method,
-                run.method.num_trainable(),
-                len(to_bytes(run.artifact)),
-                before,
-                after,
-                secs,
-                losses[0],
-                sum(losses[-5:]) / len(losses[-5:]),
-            )
+    def train_cfg(self, steps: int, lr: float) -> TrainConfig:
+        bs = self.args.batch_size
+        return TrainConfig(
+            steps=steps, batch_size=bs, lr=lr, warmup_steps=max(1, steps // 10), progress=False
         )
-        log(
-            f"{task}/{method}: loss {losses[0]:.3f} -> {rows[-1].last_loss:.3f} in {secs:.0f} s, "
-            f"exact match {pct(before.exact_match)} -> {pct(after.exact_match)}"
+
+    def evaluate(self, data: DataSplit, prompt: Any = None) -> EvalResult:
+        return evaluate(
+            self.lm.model, self.lm.tokenizer, data.eval, prompt, batch_size=self.args.eval_batch_size
         )
-    return before, rows
+
+    def over_budget(self, what: str) -> bool:
+        if time.monotonic() - self.t0 < self.args.budget_min * 60:
+            return False
+        self.skipped.append(what)
+        log(f"skipping {what}: over the {self.args.budget_min:.0f} min budget")
+        return True
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.write()
+
+    def write(self) -> str:
+        order = [*(p[0] for p in PLANS), "gist"]
+        self.rows.sort(key=lambda r: (self.args.tasks.index(r.task), order.index(r.method)))
+        text = markdown(self, time.monotonic() - self.t0)
+        out: Path = self.args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        payload = [
+            {k: v for k, v in r.__dict__.items() if k not in ("before", "after", "extra")}
+            | {"before": r.before.to_dict(), "after": r.after.to_dict()}
+            | {k: (v.to_dict() if isinstance(v, EvalResult) else v) for k, v in r.extra.items()}
+            for r in self.rows
+        ]
+        out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+        return text
 
 
-def run_gist(lm: LoadedModel, splits: dict[str, DataSplit], args: argparse.Namespace) -> list[Row]:
-    method, lr, opts = GIST
-    mixed = DataSplit([r for s in splits.values() for r in s.train], [])
+def run_method(bench: Bench, method: str, lr: float, opts: dict[str, Any], task: str) -> None:
+    """Train one method on one task, score its artifact's serving form against the bare model."""
+    data = bench.splits[task]
+    if method == "prompt_tuning":
+        opts = opts | {"init_text": data.train[0].instruction}
     t0 = time.monotonic()
-    run = train_task(lm, method, mixed, "gist-embeddings", train_cfg(args, args.gist_steps, lr), opts)
+    run = train_task(bench.lm, method, data, task, bench.train_cfg(bench.args.steps, lr), opts)
     secs = time.monotonic() - t0
-    losses = run.result.losses
-    log(f"gist: loss {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f} in {secs:.0f} s")
-    rows = []
-    for task, data in splits.items():
+    after = bench.evaluate(data, to_serving_form(run.artifact))
+    before, losses = bench.before[task], run.result.losses
+    row = Row(
+        task,
+        method,
+        run.method.num_trainable(),
+        len(to_bytes(run.artifact)),
+        before,
+        after,
+        secs,
+        losses[0],
+        mean_tail(losses),
+    )
+    bench.add(row)
+    log(
+        f"{task}/{method}: loss {losses[0]:.3f} -> {row.last_loss:.3f} in {secs:.0f} s, "
+        f"exact match {pct(before.exact_match)} -> {pct(after.exact_match)}"
+    )
+
+
+def run_gist(bench: Bench) -> None:
+    """Train gist embeddings on the task mixture; per task compress its instruction and run the controls."""
+    method, lr, opts = GIST
+    lm = bench.lm
+    mixed = DataSplit([r for s in bench.splits.values() for r in s.train], [])
+    t0 = time.monotonic()
+    run = train_task(lm, method, mixed, "gist-embeddings", bench.train_cfg(bench.args.gist_steps, lr), opts)
+    secs, losses = time.monotonic() - t0, run.result.losses
+    log(f"gist: loss {losses[0]:.3f} -> {mean_tail(losses):.3f} in {secs:.0f} s")
+    for task, data in bench.splits.items():
         res = evaluate_gist(
-            lm.model, lm.tokenizer, run.artifact, data.eval, model_name=lm.name, **eval_kw(args)
+            lm.model,
+            lm.tokenizer,
+            run.artifact,
+            data.eval,
+            model_name=lm.name,
+            batch_size=bench.args.eval_batch_size,
         )
-        instruction = data.eval[0].instruction
         gist_art = compress(
-            lm.model, lm.tokenizer, run.artifact, instruction, task_id=task, model_name=lm.name
+            lm.model, lm.tokenizer, run.artifact, data.eval[0].instruction, task_id=task, model_name=lm.name
         )
         extra = {
             "positive": res["positive_control"],
             "embedding_bytes": len(to_bytes(run.artifact)),
             "next_position": gist_art.manifest.method_config["next_position"],
         }
-        rows.append(
+        bench.add(
             Row(
                 task,
                 "gist",
@@ -154,16 +198,16 @@ def run_gist(lm: LoadedModel, splits: dict[str, DataSplit], args: argparse.Names
                 res["gist"],
                 secs,
                 losses[0],
-                sum(losses[-5:]) / len(losses[-5:]),
+                mean_tail(losses),
                 extra,
             )
         )
         neg, gist, pos = (pct(res[k].exact_match) for k in ("negative_control", "gist", "positive_control"))
         log(f"{task}/gist: no instruction {neg}, gist {gist}, full instruction {pos}")
-    return rows
 
 
-def markdown(rows: list[Row], args: argparse.Namespace, lm: LoadedModel, total_s: float) -> str:
+def markdown(bench: Bench, total_s: float) -> str:
+    args, lm, rows = bench.args, bench.lm, bench.rows
     lines = [
         "# methods benchmark: five soft-prompt methods on SmolLM2-135M-Instruct (CPU)",
         "",
@@ -193,6 +237,8 @@ def markdown(rows: list[Row], args: argparse.Namespace, lm: LoadedModel, total_s
             + (f"{pct(pos.exact_match)} (ROUGE-L {pos.rouge_l:.3f})" if pos else "")
             + " |"
         )
+    if bench.skipped:
+        lines += ["", f"**skipped (time budget {args.budget_min:.0f} min):** {', '.join(bench.skipped)}"]
     lines += ["", "## sample predictions (first held-out examples)", ""]
     for r in rows:
         s = r.after.samples[:2]
@@ -204,10 +250,13 @@ def markdown(rows: list[Row], args: argparse.Namespace, lm: LoadedModel, total_s
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="sentiment,dates", help="comma-separated recipes (%(default)s)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per method and task (%(default)s)")
-    p.add_argument("--gist-steps", type=int, default=80, help="gist steps on the task mixture (%(default)s)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per method and task (%(default)s)")
+    p.add_argument("--gist-steps", type=int, default=60, help="gist steps on the task mixture (%(default)s)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-size", type=int, default=30, help="held-out examples per task (%(default)s)")
+    p.add_argument("--eval-size", type=int, default=24, help="held-out examples per task (%(default)s)")
+    p.add_argument(
+        "--budget-min", type=float, default=28.0, help="skip remaining runs after this (%(default)s)"
+    )
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--methods", default="all", help="comma-separated subset of the five (default: all)")
     p.add_argument("--model", default="smollm2")
@@ -229,32 +278,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     wanted = None if args.methods == "all" else set(args.methods.split(","))
-    if wanted is not None:
-        PLANS = [p for p in PLANS if p[0] in wanted]
-    t0 = time.monotonic()
+    PLANS = [p for p in PLANS if wanted is None or p[0] in wanted]
     lm = load_model(args.model)
     log(f"loaded {lm.name}")
-    splits = {t: load_split([recipe_path(t)], 0.1, 0, args.eval_size) for t in args.tasks}
-    rows: list[Row] = []
-    for task, data in splits.items():
-        rows += run_task(lm, task, data, args)[1]
-    if wanted is None or "gist" in wanted:
-        rows += run_gist(lm, splits, args)
-    order = [*(p[0] for p in PLANS), "gist"]
-    rows.sort(key=lambda r: (args.tasks.index(r.task), order.index(r.method)))
-    total = time.monotonic() - t0
-    text = markdown(rows, args, lm, total)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    payload = [
-        {k: v for k, v in r.__dict__.items() if k not in ("before", "after", "extra")}
-        | {"before": r.before.to_dict(), "after": r.after.to_dict()}
-        | {k: (v.to_dict() if isinstance(v, EvalResult) else v) for k, v in r.extra.items()}
-        for r in rows
-    ]
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    print(text)
-    log(f"wrote {args.out} in {total / 60:.1f} min")
+    bench = Bench(args, lm, {t: load_split([recipe_path(t)], 0.1, 0, args.eval_size) for t in args.tasks})
+    for task, data in bench.splits.items():
+        bench.before[task] = base = bench.evaluate(data)
+        log(f"{task}: bare model exact match {pct(base.exact_match)} on {base.n} held-out examples")
+    if (wanted is None or "gist" in wanted) and not bench.over_budget("gist"):
+        run_gist(bench)
+    for method, lr, opts in PLANS:  # method-major: every method gets its first task before any gets a second
+        for task in args.tasks:
+            if not bench.over_budget(f"{task}/{method}"):
+                run_method(bench, method, lr, opts, task)
+    print(bench.write())
+    log(f"wrote {args.out} in {(time.monotonic() - bench.t0) / 60:.1f} min")
     return 0
 
 

@@ -80,6 +80,7 @@ def _convert_gguf(target: Path) -> None:
     model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; the cache is shared with the server
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
