@@ -81,6 +81,13 @@ class TaskResponse(BaseModel):
     versions: list[int] = Field(default_factory=list)
 
 
+class CompressRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    gist_task: TaskIdField = Field(description="a stored gist_embedding task (the learned gist tokens)")
+    instruction: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    keep_instruction: bool = Field(False, description="keep the instruction text in the artifact's manifest")
+
+
 class TaskList(BaseModel):
     tasks: list[TaskResponse]
 

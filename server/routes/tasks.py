@@ -10,12 +10,13 @@ from typing import Annotated
 from fastapi import APIRouter, File, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store import Artifact, parse_and_validate, validate_task_id
+from prompt_store import Artifact, parse_and_validate, validate_artifact, validate_task_id
 from prompt_store.backends import ChangeEvent, TaskInfo
 from prompt_store.peft_import import import_peft_files
 from server.deps import AdminKey, ApiKey, StateDep
 from server.errors import BadRequest, BodyTooLarge
-from server.schemas import TaskList, TaskResponse
+from server.gist import compress
+from server.schemas import CompressRequest, TaskList, TaskResponse
 from server.state import ServerState
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
@@ -76,12 +77,7 @@ def parse_upload(state: ServerState, task_id: str, files: dict[str, bytes]) -> A
 
 
 def store_upload(state: ServerState, task_id: str, files: dict[str, bytes]) -> TaskInfo:
-    artifact = parse_upload(state, task_id, files)
-    version = state.store.put(artifact)
-    # This replica switches at once; others follow through the store's watch().
-    state.cache.apply(ChangeEvent(task_id=task_id, version=version, sha256=artifact.sha256))
-    state.metrics.uploads.labels(method=artifact.manifest.method).inc()
-    return state.store.info(task_id)
+    return store_artifact(state, parse_upload(state, task_id, files))
 
 
 @router.put("/{task_id:path}", status_code=201, dependencies=[AdminKey])
@@ -98,6 +94,28 @@ async def put_task(
         files[name] = await upload.read()
     info = await run_in_threadpool(store_upload, state, task_id, files)
     return _task_response(info)
+
+
+def store_artifact(state: ServerState, artifact: Artifact) -> TaskInfo:
+    version = state.store.put(artifact)
+    # This replica switches at once; others follow through the store's watch().
+    state.cache.apply(ChangeEvent(task_id=artifact.task_id, version=version, sha256=artifact.sha256))
+    state.metrics.uploads.labels(method=artifact.manifest.method).inc()
+    return state.store.info(artifact.task_id)
+
+
+def compress_and_store(state: ServerState, task_id: str, body: CompressRequest) -> TaskInfo:
+    gists = state.store.get(body.gist_task)
+    validate_artifact(gists, state.runner.fingerprint, state.limits)
+    artifact = compress(state.runner, gists, body.instruction, task_id, keep=body.keep_instruction)
+    return store_artifact(state, artifact)
+
+
+@router.post("/{task_id:path}/compress", status_code=201, dependencies=[AdminKey])
+async def compress_task(task_id: str, body: CompressRequest, state: StateDep) -> TaskResponse:
+    """Compress an instruction into a new version of `task_id` (method gist) with stored gist embeddings."""
+    validate_task_id(task_id)
+    return _task_response(await run_in_threadpool(compress_and_store, state, task_id, body))
 
 
 @router.get("", dependencies=[ApiKey])
