@@ -172,3 +172,47 @@ def test_cli_train_eval_compress_push(model_dir: Path, tmp_path: Path, capsys, m
         "Authorization": "Bearer k1"
     }
     assert from_bytes(seen["body"]).task_id == "renamed"
+
+
+DDP_SCRIPT = """
+import json, os, torch
+from conftest import tiny_llama
+from tiny_tokenizer import tiny_tokenizer
+from training.data import Record, tokenize
+from training.loop import TrainConfig, train
+from training.methods import build
+torch.set_num_threads(1)
+model, tok = tiny_llama(vocab_size=259).requires_grad_(False), tiny_tokenizer()
+ex = tokenize([Record(f"n{i}", "yes" if i % 2 else "nop") for i in range(16)], tok)
+method = build("prefix_tuning", model, tok, num_virtual_tokens=2, projection_hidden_size=16)
+world = int(os.environ.get("WORLD_SIZE", "1"))
+cfg = TrainConfig(steps=3, batch_size=4 // world, lr=5e-2, progress=False, use_accelerate=world > 1)
+losses = train(method, model, ex, cfg).losses
+keys = method.keys_values()[0].sum().item()
+print("RESULT", json.dumps({"rank": os.environ.get("RANK", "0"), "losses": losses, "keys": keys}))
+"""
+
+
+def test_two_cpu_ranks_through_accelerate_match_one_process(tmp_path: Path) -> None:
+    """Equal-length answers, so the mean of the two ranks' losses is the one-process batch loss."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for cmd in (
+        [sys.executable, str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+    ):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+        runs[len(cmd)] = [
+            json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("RESULT")
+        ]
+    (single,), ranks = runs[2], runs[6]
+    assert len(ranks) == 2 and ranks[0]["keys"] == ranks[1]["keys"]
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert ranks[0]["keys"] == pytest.approx(single["keys"], abs=1e-3)

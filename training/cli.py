@@ -100,7 +100,12 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
     g.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: end only)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
-    g.add_argument("--accelerate", action="store_true", help="use accelerate (run under `accelerate launch`)")
+    g.add_argument(
+        "--accelerate",
+        action="store_true",
+        help="data-parallel through accelerate: run under `torchrun --nproc_per_node N -m training.cli ...` "
+        "(CPU ranks use gloo) or `accelerate launch` on GPUs with --device cuda",
+    )
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.add_argument("--max-length", type=int, default=512, help="drop longer examples (tokens)")
     g.add_argument("--export-dtype", default="float32", choices=sorted(SUPPORTED_DTYPES))
@@ -171,6 +176,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.eval,
         args.max_new_tokens,
     )
+    if os.environ.get("RANK", "0") != "0":  # distributed run: rank 0 reports
+        return 0
     summary: dict[str, Any] = {
         "artifact": str(run.artifact_path),
         "method": run.artifact.manifest.method,

@@ -192,8 +192,10 @@ def train(
     if cfg.use_accelerate:
         from accelerate import Accelerator
 
-        acc = Accelerator()
+        acc = Accelerator(cpu=device.type == "cpu")  # CPU ranks (gloo) when the model was loaded on CPU
         model.to(acc.device)
+        device = acc.device
+        method.to(device)
         wrapped, optimizer = acc.prepare(method, optimizer)
         backward, rank, world, is_main = (
             acc.backward,

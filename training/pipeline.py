@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,8 @@ def train_task(
     )
     validate_artifact(artifact, base)
     run = TaskRun(method=method, artifact=artifact, result=result, data=data)
+    if os.environ.get("RANK", "0") != "0":  # other ranks of a distributed run: rank 0 saves and evaluates
+        return run
     if out_dir is not None:
         run.artifact_path = save(artifact, Path(out_dir) / ARTIFACT_NAME)
     if run_eval and data.eval:
