@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from prompt_store import SoftPrompt
-from training.lm import embed_tokens, kv_cache, model_device, model_dtype
+from training.lm import embed_tokens, kv_cache, layer_kv, model_device, model_dtype
 
 
 @torch.no_grad()
@@ -37,8 +37,9 @@ def prefix_kv(model: Any, prompt: SoftPrompt | None) -> tuple[torch.Tensor, torc
         cache=cache,
         use_cache=True,
     )
-    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # [L, Hkv, m, Dh]
-    values = torch.stack([layer.values[0] for layer in cache.layers])  # [L, Hkv, m, Dh]
+    layers = [layer_kv(cache, i) for i in range(len(cache.layers))]  # [1, Hkv, m, Dh] each
+    keys = torch.stack([k[0] for k, _ in layers])  # [L, Hkv, m, Dh]
+    values = torch.stack([v[0] for _, v in layers])  # [L, Hkv, m, Dh]
     return keys, values
 
 

@@ -25,6 +25,12 @@ def embed_tokens(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return emb
 
 
+def layer_kv(cache: DynamicCache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of layer i of a filled cache, each [B, Hkv, T, Dh]."""
+    layer: Any = cache.layers[i]
+    return layer.keys, layer.values
+
+
 def kv_cache(model: Any, keys: torch.Tensor, values: torch.Tensor, batch: int) -> DynamicCache:
     """A cache holding one KV prefix per layer, broadcast over the batch.
 

@@ -75,7 +75,7 @@ def _convert_gguf(target: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def load_model(
         path = name = str(name_or_path)
         local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         path, dtype=SUPPORTED_DTYPES[dtype], local_files_only=local_only
-    ).to(device)
-    return LoadedModel(model=freeze(model), tokenizer=tokenizer, name=name)
+    )
+    return LoadedModel(model=freeze(model.to(torch.device(device))), tokenizer=tokenizer, name=name)

@@ -113,7 +113,10 @@ class Accept(TrainableMethod):
         return out
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"prompt_weight": self.prompt_weight, "prompt_codebook": self.prompt_codebook}
+        out: dict[str, torch.Tensor] = {
+            "prompt_weight": self.prompt_weight,
+            "prompt_codebook": self.prompt_codebook,
+        }
         if self.added_weight is not None and self.added_codebook is not None:
             out |= {"added_weight": self.added_weight, "added_codebook": self.added_codebook}
         return out

@@ -18,7 +18,15 @@ from transformers import DynamicCache
 
 from prompt_store import Artifact, Fingerprint, make_artifact
 from training.data import Batch, Formatter, Tokenized, collate_gist
-from training.lm import additive_mask, embed_tokens, gist_allowed, lm_loss, model_device, model_dtype
+from training.lm import (
+    additive_mask,
+    embed_tokens,
+    gist_allowed,
+    layer_kv,
+    lm_loss,
+    model_device,
+    model_dtype,
+)
 from training.methods.base import TrainableMethod, hidden_size, vocab_embeddings
 
 
@@ -93,8 +101,9 @@ def gist_kv(
         cache=cache,
         use_cache=True,
     )
-    keys = torch.stack([layer.keys[0, :, n:] for layer in cache.layers])  # [L, Hkv, k, Dh]
-    values = torch.stack([layer.values[0, :, n:] for layer in cache.layers])  # [L, Hkv, k, Dh]
+    layers = [layer_kv(cache, i) for i in range(len(cache.layers))]  # [1, Hkv, n+k, Dh] each
+    keys = torch.stack([key[0, :, n:] for key, _ in layers])  # [L, Hkv, k, Dh]
+    values = torch.stack([value[0, :, n:] for _, value in layers])  # [L, Hkv, k, Dh]
     return keys, values
 
 

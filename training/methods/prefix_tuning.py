@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from prompt_store import Fingerprint
 from training.data import Batch
-from training.lm import kv_prefix_loss, model_device
+from training.lm import kv_prefix_loss, layer_kv, model_device
 from training.methods.base import TrainableMethod, hidden_size, sample_vocab_rows
 
 
@@ -46,9 +46,8 @@ def token_kv(model: Any, embeds: torch.Tensor) -> torch.Tensor:
     """The model's own keys/values for a run of embeddings [m, d] -> flat [m, L*2*Hkv*Dh] (for init)."""
     cache = DynamicCache(config=model.config)
     model.base_model(inputs_embeds=embeds.to(model_device(model))[None], cache=cache, use_cache=True)
-    kv = torch.stack(
-        [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
-    )  # [L, 2, Hkv, m, Dh]
+    pairs = [layer_kv(cache, i) for i in range(len(cache.layers))]  # [1, Hkv, m, Dh] each
+    kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in pairs])  # [L, 2, Hkv, m, Dh]
     return kv.permute(3, 0, 1, 2, 4).reshape(embeds.shape[0], -1).float().cpu()  # [m, L*2*Hkv*Dh]
 
 

@@ -165,7 +165,8 @@ def generate(name: str, size: int = SIZE, seed: int = SEED) -> list[dict[str, st
     """The records of one recipe: unique inputs, deterministic for a given (name, size, seed)."""
     make, instructions = RECIPES[name]
     rng = random.Random(f"{seed}-{name}")
-    rows, seen = [], set()
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
     while len(rows) < size:
         row = make(rng, len(rows))
         if row["input"] in seen:
