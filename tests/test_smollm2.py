@@ -21,8 +21,9 @@ from engine_refs import (
 )
 
 from prompt_store import SoftPrompt
+from prompt_store.embedded_model import default_cache_dir
 from server.engine import Engine
-from server.model_runner import ModelRunner, default_cache_dir, load_model
+from server.model_runner import ModelRunner, load_model
 from server.requests import GenerationRequest, TokenEvent
 
 pytestmark = pytest.mark.timeout(180)
