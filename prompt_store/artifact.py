@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from prompt_store.errors import ArtifactFormatError, TooLarge
+from prompt_store.fileio import atomic_write
 from prompt_store.task_id import validate_task_id
 from prompt_store.types import (
     FORMAT_VERSION,
@@ -224,17 +224,7 @@ def save(artifact: Artifact, path: str | os.PathLike[str]) -> Path:
     """Write atomically: temp file in the same directory, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_bytes(artifact)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, to_bytes(artifact))
     return path
 
 

@@ -21,7 +21,6 @@ import fcntl
 import os
 import shutil
 import struct
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,35 +29,12 @@ from prompt_store.artifact import METADATA_KEY, _parse_manifest, _read_header, l
 from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
 from prompt_store.backends.common import Pointer, check_artifact, pointer_changes, serialise, stop_event
 from prompt_store.errors import ArtifactFormatError, NotFound, StoreError, StoreUnavailable
+from prompt_store.fileio import atomic_write, fsync_dir
 from prompt_store.task_id import validate_task_id
 from prompt_store.types import Artifact, Limits, Manifest
 
 CURRENT = "CURRENT"
 _SUFFIX = ".safetensors"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory, fsync, rename, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _parse_pointer(text: str, path: Path) -> Pointer:
@@ -161,9 +137,9 @@ class DiskStore(Store):
             self._remove_orphan_temps(task_dir)
             version = max(self._versions(task_id), default=0) + 1
             data = serialise(artifact, version, self.limits)
-            _atomic_write(self._version_path(task_id, version), data)
+            atomic_write(self._version_path(task_id, version), data)
             pointer = f"{version} {artifact.sha256}\n".encode("ascii")
-            _atomic_write(task_dir / CURRENT, pointer)
+            atomic_write(task_dir / CURRENT, pointer)
         return version
 
     def get(self, task_id: str, version: int | None = None) -> Artifact:
@@ -219,7 +195,7 @@ class DiskStore(Store):
                 raise NotFound(f"task {task_id!r} not found", field="task_id")
             tomb = self._tasks / f".deleted-{task_id}-{uuid.uuid4().hex[:8]}"
             os.replace(task_dir, tomb)
-            _fsync_dir(self._tasks)
+            fsync_dir(self._tasks)
             shutil.rmtree(tomb, ignore_errors=True)
             (self._locks / f"{task_id}.lock").unlink(missing_ok=True)
 
