@@ -83,7 +83,7 @@ def to_bytes(artifact: Artifact) -> bytes:
     return bytes(st_save(artifact.tensors, metadata=meta))
 
 
-def _read_header(data: bytes, limits: Limits) -> dict[str, Any]:
+def read_header(data: bytes, limits: Limits) -> dict[str, Any]:
     """Parse and bound the safetensors header without trusting any of it."""
     if len(data) > limits.max_file_bytes:
         raise TooLarge(f"artifact is {len(data)} bytes; the limit is {limits.max_file_bytes}", field="file")
@@ -115,7 +115,7 @@ def _read_header(data: bytes, limits: Limits) -> dict[str, Any]:
     return header
 
 
-def _check_tensor_table(header: dict[str, Any], data_len: int, limits: Limits) -> None:
+def check_tensor_table(header: dict[str, Any], data_len: int, limits: Limits) -> None:
     """Bounds, dtypes and non-overlapping offsets of every entry, checked before any tensor is built."""
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     if len(entries) > limits.max_tensors:
@@ -156,7 +156,7 @@ def _check_tensor_table(header: dict[str, Any], data_len: int, limits: Limits) -
             raise ArtifactFormatError(f"tensors {prev!r} and {name!r} overlap in the file", field=name)
 
 
-def _parse_manifest(meta: dict[str, Any], limits: Limits) -> Manifest:
+def parse_manifest(meta: dict[str, Any], limits: Limits) -> Manifest:
     raw = meta.get(METADATA_KEY)
     if not isinstance(raw, str):
         raise ArtifactFormatError(f"safetensors metadata has no {METADATA_KEY!r} manifest", field="manifest")
@@ -194,13 +194,13 @@ def _parse_manifest(meta: dict[str, Any], limits: Limits) -> Manifest:
 def from_bytes(data: bytes, limits: Limits | None = None) -> Artifact:
     """Parse, bound and verify an artifact (format, dtypes, offsets, sha256). Method checks are separate."""
     limits = limits or Limits()
-    header = _read_header(data, limits)
+    header = read_header(data, limits)
     header_len = struct.unpack("<Q", data[:8])[0]
-    _check_tensor_table(header, len(data) - 8 - header_len, limits)
+    check_tensor_table(header, len(data) - 8 - header_len, limits)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise ArtifactFormatError("safetensors __metadata__ must be an object", field="manifest")
-    manifest = _parse_manifest(meta, limits)
+    manifest = parse_manifest(meta, limits)
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from prompt_store.artifact import _check_tensor_table, _read_header, make_artifact
+from prompt_store.artifact import check_tensor_table, make_artifact, read_header
 from prompt_store.errors import ArtifactFormatError, TooLarge, UnsupportedAdapter, ValidationError
 from prompt_store.methods.base import require_virtual_tokens
 from prompt_store.task_id import validate_task_id
@@ -116,9 +116,9 @@ def parse_adapter_config(data: bytes) -> dict[str, Any]:
 
 def read_prompt_embeddings(data: bytes, limits: Limits) -> torch.Tensor:
     """The single `prompt_embeddings` tensor of a PEFT safetensors file, after bounded header checks."""
-    header = _read_header(data, limits)
+    header = read_header(data, limits)
     header_len = struct.unpack("<Q", data[:8])[0]
-    _check_tensor_table(header, len(data) - 8 - header_len, limits)
+    check_tensor_table(header, len(data) - 8 - header_len, limits)
     names = sorted(k for k in header if k != "__metadata__")
     if names != ["prompt_embeddings"]:
         raise ValidationError(

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from prompt_store.artifact import METADATA_KEY, _parse_manifest, _read_header, load
+from prompt_store.artifact import METADATA_KEY, load, parse_manifest, read_header
 from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
 from prompt_store.backends.common import Pointer, check_artifact, pointer_changes, serialise, stop_event
 from prompt_store.errors import ArtifactFormatError, NotFound, StoreError, StoreUnavailable
@@ -54,11 +54,11 @@ def read_manifest(path: Path, limits: Limits) -> Manifest:
         if header_len > limits.max_header_bytes:
             raise ArtifactFormatError(f"{path.name}: header of {header_len} bytes is over the limit")
         raw = f.read(header_len)
-    header = _read_header(head + raw, limits)
+    header = read_header(head + raw, limits)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or METADATA_KEY not in meta:
         raise ArtifactFormatError(f"{path.name}: no softserve manifest in the header", field="manifest")
-    return _parse_manifest(meta, limits)
+    return parse_manifest(meta, limits)
 
 
 class DiskStore(Store):

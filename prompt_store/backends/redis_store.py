@@ -29,7 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
 
-from prompt_store.artifact import METADATA_KEY, _parse_manifest, from_bytes, with_version
+from prompt_store.artifact import METADATA_KEY, from_bytes, parse_manifest, with_version
 from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
 from prompt_store.backends.common import check_artifact, serialise, stop_event
 from prompt_store.backends.redis_watch import RedisWatch, decode_pointer, text
@@ -197,7 +197,7 @@ class RedisStore(Store):
             raw_manifest = self.client.get(self.keys.manifest(task_id, version))
             if raw_manifest is None:
                 raise NotFound(f"task {task_id!r} has no version {version}", field="version")
-            manifest = _parse_manifest({METADATA_KEY: text(raw_manifest)}, self.limits)
+            manifest = parse_manifest({METADATA_KEY: text(raw_manifest)}, self.limits)
             blob = self.client.get(self.keys.blob(task_id, manifest.sha256))
         if blob is None:
             raise NotFound(f"task {task_id!r} version {version} was deleted", field="version")
