@@ -25,7 +25,7 @@ redis:  ## install Debian's redis-server if it is missing (tests start their own
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy server prompt_store
+	$(BIN)/mypy server prompt_store training
 
 format: $(STAMP)
 	$(BIN)/ruff format .
