@@ -27,16 +27,20 @@ def _serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.app import create_app
+    from server.drain import DrainingServer
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
         h11_max_incomplete_event_size=64 * 1024,
     )
-    return 0
+    server = DrainingServer(config, app, drain_timeout=settings.drain_timeout_s)
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's start-up failure code
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
