@@ -16,8 +16,6 @@ DEFAULT_URL = os.environ.get("SOFTSERVE_URL", "http://127.0.0.1:8000")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     overrides = {"model": args.model, "store": args.store, "device": args.device, "dtype": args.dtype}
     for key, value in overrides.items():
         if value is not None:
@@ -27,17 +25,10 @@ def _serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.app import create_app
-    from server.drain import DrainingServer
+    from server.drain import DrainingServer, uvicorn_config
 
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
-        h11_max_incomplete_event_size=64 * 1024,
-    )
+    config = uvicorn_config(app, args.host, args.port, settings.drain_timeout_s, settings.log_level)
     server = DrainingServer(config, app, drain_timeout=settings.drain_timeout_s)
     server.run()
     return 0 if server.started else 3  # 3: uvicorn's start-up failure code

@@ -21,6 +21,21 @@ from fastapi import FastAPI
 log = logging.getLogger("softserve.drain")
 
 POLL_S = 0.05
+MAX_HEADER_BYTES = 64 * 1024  # request line + headers; larger (or endless) header blocks are refused
+
+
+def uvicorn_config(
+    app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str
+) -> uvicorn.Config:
+    """The one uvicorn configuration of `softserve serve` (tests run the same one)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=int(drain_timeout) + 5,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
 
 
 class DrainingServer(uvicorn.Server):

@@ -17,6 +17,7 @@ from prompt_store.errors import (
     UnsupportedAdapter,
     ValidationError,
 )
+from server.body_limit import BodyTooLargeError
 
 
 class ServerError(Exception):
@@ -126,6 +127,15 @@ def install_error_handlers(app: FastAPI) -> None:
         count_rejection(request, "invalid_request")
         return await request_validation_exception_handler(request, exc)
 
+    async def handle_body_limit(request: Request, exc: Exception) -> JSONResponse:
+        """A chunked body cut off at the limit while a handler was reading it."""
+        assert isinstance(exc, BodyTooLargeError)
+        count_rejection(request, BodyTooLarge.reason)
+        response = error_response(BodyTooLarge(str(exc.detail), field="body"))
+        response.headers["Connection"] = "close"  # the rest of the body is never read
+        return response
+
+    app.add_exception_handler(BodyTooLargeError, handle_body_limit)
     app.add_exception_handler(StoreError, handle)
     app.add_exception_handler(ServerError, handle)
     app.add_exception_handler(RequestValidationError, handle_validation)

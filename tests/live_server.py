@@ -20,6 +20,7 @@ from tiny_tokenizer import tiny_tokenizer
 
 from prompt_store.backends import DiskStore, Store
 from server.app import create_app
+from server.drain import uvicorn_config
 from server.settings import Settings
 
 STARTUP_S = 90.0
@@ -78,9 +79,7 @@ def threaded_server(tmp_path: Path, store: Store | None = None, **settings: Any)
     port = free_port()
     cfg = Settings(store=f"disk:{tmp_path / 'store'}", store_poll_interval=0.2, **settings)
     app = create_app(cfg, runner=tiny_runner(), store=store or DiskStore(tmp_path / "store"))
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", h11_max_incomplete_event_size=64 * 1024
-    )
+    config = uvicorn_config(app, "127.0.0.1", port, cfg.drain_timeout_s, "warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
