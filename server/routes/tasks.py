@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from prompt_store import Artifact, parse_and_validate, validate_artifact, validate_task_id
 from prompt_store.backends import ChangeEvent, TaskInfo
@@ -18,6 +19,22 @@ from server.errors import BadRequest, BodyTooLarge
 from server.gist import compress
 from server.schemas import CompressRequest, TaskList, TaskResponse
 from server.state import ServerState
+
+
+class TaskPathConvertor(Convertor[str]):
+    """Like starlette's `path`, but newlines too: with `.*` a trailing `%0A` would be cut off (and `$`
+    matches before it), so `/tasks/x%0A` acted on task `x`. Everything sent reaches validate_task_id."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("taskpath", TaskPathConvertor())
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -80,7 +97,7 @@ def store_upload(state: ServerState, task_id: str, files: dict[str, bytes]) -> T
     return store_artifact(state, parse_upload(state, task_id, files))
 
 
-@router.put("/{task_id:path}", status_code=201, dependencies=[AdminKey])
+@router.put("/{task_id:taskpath}", status_code=201, dependencies=[AdminKey])
 async def put_task(
     task_id: str,
     file: Annotated[list[UploadFile], File(description="artifact or PEFT adapter files")],
@@ -111,10 +128,11 @@ def compress_and_store(state: ServerState, task_id: str, body: CompressRequest) 
     return store_artifact(state, artifact)
 
 
-@router.post("/{task_id:path}/compress", status_code=201, dependencies=[AdminKey])
+@router.post("/{task_id:taskpath}/compress", status_code=201, dependencies=[AdminKey])
 async def compress_task(task_id: str, body: CompressRequest, state: StateDep) -> TaskResponse:
     """Compress an instruction into a new version of `task_id` (method gist) with stored gist embeddings."""
     validate_task_id(task_id)
+    validate_task_id(body.gist_task)  # the schema's pattern alone lets '..' through
     return _task_response(await run_in_threadpool(compress_and_store, state, task_id, body))
 
 
@@ -123,12 +141,12 @@ def list_tasks(state: StateDep) -> TaskList:
     return TaskList(tasks=[_task_response(i) for i in state.store.list()])
 
 
-@router.get("/{task_id:path}", dependencies=[ApiKey])
+@router.get("/{task_id:taskpath}", dependencies=[ApiKey])
 def get_task(task_id: str, state: StateDep) -> TaskResponse:
     return _task_response(state.store.info(validate_task_id(task_id)))
 
 
-@router.delete("/{task_id:path}", status_code=204, dependencies=[AdminKey])
+@router.delete("/{task_id:taskpath}", status_code=204, dependencies=[AdminKey])
 def delete_task(task_id: str, state: StateDep) -> Response:
     state.store.delete(validate_task_id(task_id))
     state.cache.apply(ChangeEvent(task_id=task_id, version=0))
