@@ -18,7 +18,7 @@ from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.model_runner import ModelRunner, load_model
 from server.routes import generate, health, openai, tasks
-from server.settings import Settings, get_settings
+from server.settings import Settings, get_settings, redact_store
 from server.state import ServerState
 
 log = logging.getLogger("softserve")
@@ -65,7 +65,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await run_in_threadpool(build_state, settings, runner, store)
         app.state.softserve = state
-        log.info("ready: model=%s store=%s", state.runner.name, settings.store)
+        log.info("ready: model=%s store=%s", state.runner.name, redact_store(settings.store))
         try:
             yield
         finally:
