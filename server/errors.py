@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompt_store.errors import (
     ArtifactFormatError,
@@ -84,6 +85,9 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
 )
 
 
+HTTP_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+
+
 def status_for(exc: Exception) -> int:
     for error_type, status in STATUS_BY_ERROR:
         if isinstance(exc, error_type):
@@ -135,6 +139,14 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers["Connection"] = "close"  # the rest of the body is never read
         return response
 
+    async def handle_http(request: Request, exc: Exception) -> JSONResponse:
+        """Framework errors (unparsable body, unknown route, wrong method) in the same error shape."""
+        assert isinstance(exc, StarletteHTTPException)
+        reason = HTTP_REASONS.get(exc.status_code, "http_error")
+        body = {"error": {"type": reason, "message": str(exc.detail)}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, handle_http)
     app.add_exception_handler(BodyTooLargeError, handle_body_limit)
     app.add_exception_handler(StoreError, handle)
     app.add_exception_handler(ServerError, handle)

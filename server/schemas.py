@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -118,3 +118,38 @@ class CompletionRequest(OpenAIBase):
 
 class ChatCompletionRequest(OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="machine-readable reason, e.g. limit, not_found, queue_full, not_ready")
+    message: str
+    field: str | None = Field(None, description="the request field at fault, when there is one")
+
+
+class ErrorBody(BaseModel):
+    """Every error the server raises itself (see server/errors.py)."""
+
+    error: ErrorDetail
+
+
+class RequestValidationBody(BaseModel):
+    """FastAPI's request validation error: one entry per field, with its location, limit and value."""
+
+    detail: list[dict[str, Any]]
+
+
+def _error(description: str, model: Any = ErrorBody) -> dict[str, Any]:
+    return {"model": model, "description": description}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("malformed request (e.g. an upload that is not an artifact)"),
+    401: _error("missing or invalid key"),
+    404: _error("unknown task or version"),
+    413: _error("body over SOFTSERVE_MAX_BODY_BYTES"),
+    422: _error("invalid field or over a limit", ErrorBody | RequestValidationBody),
+    429: _error("queue full; retry after Retry-After seconds"),
+    500: _error("generation failed"),
+    503: _error("not ready: store unreachable or draining; retry after Retry-After seconds"),
+    504: _error("request deadline exceeded"),
+}

@@ -10,11 +10,11 @@ from fastapi.responses import StreamingResponse
 
 from server import service
 from server.deps import ApiKey, StateDep
-from server.schemas import GenerateRequest, GenerateResponse, Timings, Usage
+from server.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse, Timings, Usage
 from server.service import Prepared
 from server.state import ServerState
 
-router = APIRouter(tags=["generate"], dependencies=[ApiKey])
+router = APIRouter(tags=["generate"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
 
 
 async def prepare_generate(state: ServerState, body: GenerateRequest) -> Prepared:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.deps import ApiKey, StateDep
+from server.schemas import ErrorBody
 
 router = APIRouter(tags=["health"])
 LIVENESS_ALLOWLIST = frozenset({"/healthz", "/readyz"})
@@ -17,7 +18,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "not ready (same body)"}})
 def readyz(state: StateDep) -> JSONResponse:
     """Model loaded, engine running, store reachable, not draining."""
     checks = {
@@ -30,7 +31,12 @@ def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", dependencies=[ApiKey])
+@router.get(
+    "/metrics",
+    dependencies=[ApiKey],
+    response_class=PlainTextResponse,
+    responses={401: {"model": ErrorBody, "description": "missing or invalid key"}},
+)
 def metrics(state: StateDep) -> Response:
     m, stats = state.metrics, state.engine.stats()
     m.queue_depth.set(stats.get("queue_depth", 0))

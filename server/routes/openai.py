@@ -13,11 +13,17 @@ from fastapi.responses import StreamingResponse
 
 from server import service
 from server.deps import ApiKey, StateDep
-from server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIBase
+from server.schemas import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, OpenAIBase
 from server.service import Prepared
 from server.state import ServerState
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
+STREAM_OR_JSON: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/json": {}, "text/event-stream": {}},
+        "description": "JSON, or server-sent events when `stream`",
+    }
+}
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
 
 
 def _finish(reason: str) -> str:
@@ -59,7 +65,7 @@ async def _stream(state: ServerState, prepared: Prepared, kind: str, model: str)
     yield "data: [DONE]\n\n"
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=STREAM_OR_JSON)
 async def completions(body: CompletionRequest, state: StateDep) -> dict[str, Any] | StreamingResponse:
     prepared = await _prepare(state, body, body.prompt, None)
     if body.stream:
@@ -77,7 +83,7 @@ async def completions(body: CompletionRequest, state: StateDep) -> dict[str, Any
     }
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=STREAM_OR_JSON)
 async def chat_completions(
     body: ChatCompletionRequest, state: StateDep
 ) -> dict[str, Any] | StreamingResponse:

@@ -17,7 +17,7 @@ from prompt_store.peft_import import import_peft_files
 from server.deps import AdminKey, ApiKey, StateDep
 from server.errors import BadRequest, BodyTooLarge
 from server.gist import compress
-from server.schemas import CompressRequest, TaskList, TaskResponse
+from server.schemas import ERROR_RESPONSES, CompressRequest, TaskList, TaskResponse
 from server.state import ServerState
 
 
@@ -36,7 +36,7 @@ class TaskPathConvertor(Convertor[str]):
 
 register_url_convertor("taskpath", TaskPathConvertor())
 
-router = APIRouter(prefix="/tasks", tags=["tasks"])
+router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_ZIP_MEMBERS = 16
