@@ -27,6 +27,7 @@ CLIENTS = 64
 MAX_BATCH = 8
 MAX_QUEUE = 64
 NEW_TOKENS = 3
+BURST = 300
 PROMPTS = ["alpha", "bravo charlie delta"]
 
 
@@ -122,19 +123,53 @@ def test_thousand_requests_during_fifty_swaps(tmp_path: Path) -> None:
 
         # what each version produces alone (one request at a time, straight on the engine)
         alone: dict[tuple[int, int], list[int]] = {}
-        for p, _, _, body in results:
-            key = (body["task_version"], p)
-            if key not in alone:
-                with state.cache.acquire("swap", key[0]) as lease:
+
+        def tokens_alone(version: int, p: int) -> list[int]:
+            if (version, p) not in alone:
+                with state.cache.acquire("swap", version) as lease:
                     task = TaskPrompt(lease.task_id, lease.version, lease.sha256, lease.method, lease.prompt)
                     ids = [int(t) for t in state.runner.tokenizer(PROMPTS[p])["input_ids"]]
                     req = GenerationRequest(ids, SamplingParams(max_new_tokens=NEW_TOKENS), task=task)
                     events = engine.generate_sync(req, timeout=30)
-                alone[key] = [e.token_id for e in events if e.token_id is not None]
-            assert body["tokens"] == alone[key], (key, body["tokens"], alone[key])
+                alone[(version, p)] = [e.token_id for e in events if e.token_id is not None]
+            return alone[(version, p)]
+
+        for p, _, _, body in results:
+            expected = tokens_alone(body["task_version"], p)
+            assert body["tokens"] == expected, (body["task_version"], p, body["tokens"], expected)
         assert len({tuple(v) for v in alone.values()}) > 1  # versions really differ in output
 
         assert peak["active"] <= MAX_BATCH
         assert peak["total"] <= MAX_BATCH + MAX_QUEUE, peak
         assert engine.active == 0 and engine.queue_depth == 0
-        print(f"{REQUESTS} requests, {SWAPS} swaps in {elapsed:.1f} s; peak {peak}")
+
+        # a burst far past the bound: the engine holds at most max_batch_size + max_queue, the rest is 429
+        burst_peak = {"active": 0, "total": 0}
+        peak.update(active=0, total=0)
+        stop.clear()
+        watcher = threading.Thread(target=monitor, daemon=True)
+        watcher.start()
+
+        async def burst() -> list[int]:
+            limits = httpx.Limits(max_connections=BURST, max_keepalive_connections=BURST)
+            async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+                body = {"task_id": "swap", "prompt": PROMPTS[0], "max_new_tokens": NEW_TOKENS}
+                expected = tokens_alone(SWAPS + 1, 0)
+                answers = await asyncio.gather(*(client.post("/generate", json=body) for _ in range(BURST)))
+            for r in answers:
+                assert r.status_code in (200, 429), r.text
+                if r.status_code == 200:
+                    assert r.json()["tokens"] == expected
+                else:
+                    assert int(r.headers["retry-after"]) >= 1
+            return [r.status_code for r in answers]
+
+        codes = asyncio.run(burst())
+        stop.set()
+        watcher.join(5)
+        burst_peak.update(peak)
+        assert burst_peak["active"] <= MAX_BATCH
+        assert burst_peak["total"] <= MAX_BATCH + MAX_QUEUE, burst_peak
+        assert codes.count(200) >= MAX_BATCH + MAX_QUEUE // 2  # the bound was really reached...
+        assert codes.count(429) > 0  # ...and passed
+        print(f"{REQUESTS} requests, {SWAPS} swaps in {elapsed:.1f} s; burst: {codes.count(429)} x 429")
