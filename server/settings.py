@@ -41,7 +41,6 @@ class Settings(BaseSettings):
 
     # logging
     log_level: str = Field("INFO")
-    log_requests_text: bool = Field(False, description="log prompt/response text (off by default)")
 
 
 @lru_cache
