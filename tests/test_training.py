@@ -136,6 +136,22 @@ def test_accept_exports_factors_and_has_two_learning_rates(model, tok, fp) -> No
     assert {id(p) for g in groups.values() for p in g["params"]} == {id(p) for p in method.parameters()}
 
 
+def test_accept_text_init_factorises_the_instruction(model, tok) -> None:  # type: ignore[no-untyped-def]
+    from training.methods.accept import text_embeddings
+
+    target = text_embeddings(model, tok, INSTRUCTION, 4)  # [4, d]
+    opts = {"num_virtual_tokens": 4, "num_subspaces": 4, "init": "text", "init_text": INSTRUCTION}
+    full = build("accept", model, tok, num_codewords=6, **opts)  # r >= m: exact
+    torch.testing.assert_close(full.prompt().detach(), target, atol=1e-5, rtol=1e-5)
+    low = build("accept", model, tok, num_codewords=2, **opts)  # r < m: best rank-2 fit per subspace
+    x = target.view(4, 4, -1).transpose(0, 1)  # [K, m, d/K]
+    u, sv, vh = torch.linalg.svd(x, full_matrices=False)
+    best = (u[:, :, :2] @ torch.diag_embed(sv[:, :2]) @ vh[:, :2]).transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(low.prompt().detach(), best, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        build("accept", model, tok, num_codewords=2, **(opts | {"init": "bogus"}))
+
+
 def reference_gist_allowed(lengths: list[int], starts: list[int], k: int, width: int) -> torch.Tensor:
     out = torch.zeros(len(lengths), width, width, dtype=torch.bool)
     for b, (n_real, start) in enumerate(zip(lengths, starts, strict=True)):

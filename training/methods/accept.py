@@ -16,7 +16,9 @@ from torch import nn
 from prompt_store.methods.accept import compose
 from training.data import Batch
 from training.lm import prompt_prefix_loss
-from training.methods.base import TrainableMethod, hidden_size, sample_vocab_rows
+from training.methods.base import TrainableMethod, hidden_size, sample_vocab_rows, vocab_embeddings
+
+INITS = ("vocab", "text")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class AcceptTrainConfig:
     added_length: int = 0  # s; 0 = no SCAP
     added_subspaces: int = 8
     added_codewords: int = 8
+    init: str = "vocab"  # vocab (sampled codewords, one-hot weights) | text (SVD of init_text's embeddings)
+    init_text: str = ""
     weight_lr: float | None = None  # learning rate of the mixing weights (None: the base lr)
     codebook_lr: float | None = None  # learning rate of the codebooks (None: the base lr)
     seed: int = 0
@@ -49,6 +53,34 @@ def one_hot_weights(n: int, subspaces: int, codewords: int, gen: torch.Generator
     return nn.functional.one_hot(pick, codewords).float()  # [n, K, r]
 
 
+def text_embeddings(model: Any, tokenizer: Any, text: str, n: int) -> torch.Tensor:
+    """The token embeddings of `text`, repeated or cut to n rows (as prompt tuning's text init) -> [n, d]."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("init='text' needs a non-empty init_text")
+    reps = -(-n // len(ids))
+    return vocab_embeddings(model)[torch.tensor((list(ids) * reps)[:n])].clone().float()  # [n, d]
+
+
+def text_factors(
+    target: torch.Tensor, subspaces: int, codewords: int, filler: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [m, K, r] and codebook [K, r, d/K] whose composition is the best rank-r fit of target [m, d]
+    in every subspace (truncated SVD). Weights are scaled to O(1) entries (like one-hot weights), the
+    codebook carries the magnitude. Codewords beyond the rank come from `filler` [K, r, d/K] with 0 weight."""
+    m, d = target.shape
+    K, r = subspaces, codewords
+    x = target.view(m, K, d // K).transpose(0, 1)  # [K, m, d/K]
+    u, sv, vh = torch.linalg.svd(x, full_matrices=False)  # [K, m, q], [K, q], [K, q, d/K]
+    q = min(r, sv.shape[1])
+    scale = m**0.5
+    weight = torch.zeros(m, K, r)
+    weight[:, :, :q] = u[:, :, :q].transpose(0, 1) * scale  # [m, K, q]
+    codebook = filler.clone()  # [K, r, d/K]
+    codebook[:, :q] = sv[:, :q, None] * vh[:, :q] / scale  # [K, q, d/K]
+    return weight, codebook
+
+
 class Accept(TrainableMethod):
     method = "accept"
 
@@ -59,8 +91,16 @@ class Accept(TrainableMethod):
         _check_divides(config.num_subspaces, d, "num_subspaces")
         gen = torch.Generator().manual_seed(config.seed)
         K, r, m = config.num_subspaces, config.num_codewords, config.num_virtual_tokens
-        self.prompt_codebook = nn.Parameter(vocab_codebook(model, K, r, gen))  # [K, r, d/K]
-        self.prompt_weight = nn.Parameter(one_hot_weights(m, K, r, gen))  # [m, K, r]
+        if config.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {config.init!r}")
+        codebook = vocab_codebook(model, K, r, gen)  # [K, r, d/K]
+        if config.init == "text":
+            target = text_embeddings(model, tokenizer, config.init_text, m)  # [m, d]
+            weight, codebook = text_factors(target, K, r, codebook)  # [m, K, r], [K, r, d/K]
+        else:
+            weight = one_hot_weights(m, K, r, gen)  # [m, K, r]
+        self.prompt_codebook = nn.Parameter(codebook)  # [K, r, d/K]
+        self.prompt_weight = nn.Parameter(weight)  # [m, K, r]
         self.added_codebook: nn.Parameter | None = None
         self.added_weight: nn.Parameter | None = None
         if config.added_length:
