@@ -51,7 +51,7 @@ PLANS: list[tuple[str, float, dict[str, Any]]] = [
         | {"weight_lr": 1e-1, "codebook_lr": 3e-2}
         | {"added_length": 4, "added_subspaces": 4, "added_codewords": 2},
     ),
-    ("p_tuning", 3e-3, {"num_virtual_tokens": 8, "encoder_type": "mlp", "encoder_hidden_size": 256}),
+    ("p_tuning", 1e-2, {"num_virtual_tokens": 8, "encoder_type": "mlp", "encoder_hidden_size": 256}),
     ("prefix_tuning", 3e-3, {"num_virtual_tokens": 8, "projection_hidden_size": 256}),
 ]
 GIST = ("gist", 1e-2, {"num_gist_tokens": 2})
@@ -250,7 +250,7 @@ def markdown(bench: Bench, total_s: float) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="sentiment,dates", help="comma-separated recipes (%(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per method and task (%(default)s)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per method and task (%(default)s)")
     p.add_argument("--gist-steps", type=int, default=60, help="gist steps on the task mixture (%(default)s)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-size", type=int, default=24, help="held-out examples per task (%(default)s)")
