@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,68 +11,30 @@ from pathlib import Path
 import httpx
 import pytest
 from api_helpers import VOCAB, prompt_artifact_bytes
-from conftest import free_port, tiny_llama
-from tiny_tokenizer import tiny_tokenizer
+from conftest import tiny_llama
+from live_server import ServerProcess, save_tiny_model
 
 from prompt_store import Fingerprint
-
-STARTUP_S = 90.0
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Fingerprint]:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model = tiny_llama(seed=0, vocab_size=VOCAB)
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder, Fingerprint.from_model(model, str(folder))
-
-
-def start_server(model_dir: Path, store: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "SOFTSERVE_STORE_POLL_INTERVAL": "0.5",
-        "SOFTSERVE_LOG_LEVEL": "WARNING",
-    }
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--model", str(model_dir), "--store", store]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server not ready after {STARTUP_S} s:\n{log_path.read_text()[-3000:]}")
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    return folder, Fingerprint.from_model(tiny_llama(seed=0, vocab_size=VOCAB), str(folder))
 
 
 @pytest.fixture()
 def two_replicas(tiny_model_dir, redis_url: str, tmp_path: Path) -> Iterator[tuple[str, str, Fingerprint]]:  # type: ignore[no-untyped-def]
     folder, fingerprint = tiny_model_dir
-    procs = [start_server(folder, redis_url, tmp_path / f"server{i}.log") for i in range(2)]
+    env = {"SOFTSERVE_LOG_LEVEL": "WARNING"}
+    servers = [ServerProcess(folder, redis_url, tmp_path / f"server{i}.log", **env) for i in range(2)]
     try:
-        for i, (proc, url) in enumerate(procs):
-            wait_ready(proc, url, tmp_path / f"server{i}.log")
-        yield procs[0][1], procs[1][1], fingerprint
+        for server in servers:
+            server.wait_ready()
+        yield servers[0].url, servers[1].url, fingerprint
     finally:
-        for proc, _ in procs:
-            proc.terminate()
-        for proc, _ in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for server in servers:
+            server.stop()
 
 
 def served_version(url: str, task_id: str) -> int | None:
