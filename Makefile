@@ -39,6 +39,8 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/serve_smoke.py
+	$(BIN)/python bench/prefix_ttft.py
+	$(BIN)/python bench/vs_peft.py
 
 # Validates the deployment files without a Docker engine: compose syntax (Debian's docker-compose 1.29,
 # with and without the GPU override; a missing admin key must be refused), hadolint on both Dockerfiles,
