@@ -16,8 +16,6 @@ Goal: engine TTFT with a cached prefix <= 1.15 x bare (engine).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,9 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import bench_runner, chat_ids, hardware_line  # noqa: E402
+
 from prompt_store import SoftPrompt  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.model_runner import ModelRunner, load_model  # noqa: E402
+from server.model_runner import ModelRunner  # noqa: E402
 from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent  # noqa: E402
 
 LENGTHS = (20, 100)
@@ -88,14 +88,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prefix_ttft.md"))
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(None, dtype=args.dtype, device=args.device)
-    runner = ModelRunner.from_model(loaded.model, loaded.tokenizer, loaded.name, eos_ids=frozenset())
-    msgs = [{"role": "user", "content": QUESTION}]
-    raw = runner.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    ids = [int(t) for t in (raw["input_ids"] if hasattr(raw, "keys") else raw)]
+    runner = bench_runner(args.device, args.dtype, args.threads)
+    ids = chat_ids(runner, QUESTION)
     engine = Engine(runner, max_batch_size=4)
     prompts = {m: soft_prompt(runner, m, seed=m) for m in LENGTHS}
     device_prompts = {
@@ -154,8 +148,7 @@ def render(
     lines = [
         "# prefix TTFT: cached soft-prompt prefixes vs bare model vs naive prepending",
         "",
-        f"- model: {runner.name} ({runner.dtype}, {runner.device}); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads; {platform.machine()}, {os.cpu_count()} cores",
+        hardware_line(runner),
         f"- one request at a time, input {len(ids)} tokens (chat-formatted question), first token only "
         "(greedy); prompt-tuning soft prompts of m = " + ", ".join(map(str, LENGTHS)) + " virtual tokens",
         f"- {args.reps} repetitions per row, all rows interleaved in rotating order; ratios are medians over "

@@ -12,8 +12,6 @@ Goal: mixed tokens/s >= 0.9 x bare (engine).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -25,22 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import QUESTIONS, bench_runner, chat_ids, hardware_line  # noqa: E402
+
 from prompt_store import SoftPrompt  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.model_runner import ModelRunner, load_model  # noqa: E402
+from server.model_runner import ModelRunner  # noqa: E402
 from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent  # noqa: E402
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "gist", "accept")
-QUESTIONS = [
-    "Name a color of the sky.",
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves falling in the park.",
-    "How many legs does a spider have?",
-    "Explain photosynthesis in one sentence for a child who is eight years old.",
-    "Hi!",
-    "Translate 'good morning' into Spanish.",
-    "Give me three tips for better sleep.",
-]
 
 
 def make_prompt(runner: ModelRunner, method: str, m: int, seed: int) -> SoftPrompt:
@@ -68,9 +58,7 @@ def build_workload(runner: ModelRunner, n: int, seed: int = 0) -> tuple[list[Tas
         prompt = make_prompt(runner, method, m, seed + i)
         tasks.append(TaskPrompt(f"task-{i:02d}", 1, f"bench-{i}", method, prompt))
         question = QUESTIONS[i % len(QUESTIONS)]
-        msgs = [{"role": "user", "content": question}]
-        ids = runner.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        prompts.append([int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)])
+        prompts.append(chat_ids(runner, question))
     return tasks, prompts
 
 
@@ -148,11 +136,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_smoke.md"))
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(None, dtype=args.dtype, device=args.device)
-    runner = ModelRunner.from_model(loaded.model, loaded.tokenizer, loaded.name, eos_ids=frozenset())
+    runner = bench_runner(args.device, args.dtype, args.threads)
     tasks, prompts = build_workload(runner, args.requests)
     n_new = args.new_tokens
     bare_prompts = [[p[0]] * t.prompt.num_virtual_tokens + p for t, p in zip(tasks, prompts, strict=True)]
@@ -212,8 +196,7 @@ def render(
     lines = [
         "# serve smoke: mixed soft-prompt batch vs bare model",
         "",
-        f"- model: {runner.name} ({runner.dtype}, {runner.device}); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads; {platform.machine()}, {os.cpu_count()} cores",
+        hardware_line(runner),
         f"- {len(tasks)} requests, one per task ({methods}); prefix lengths {min(prefix)}-{max(prefix)}, "
         f"prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}; "
         f"{args.new_tokens} new tokens each (greedy, eos ignored)",

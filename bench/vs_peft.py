@@ -18,8 +18,6 @@ Greedy outputs are compared request by request. Goal: softserve tokens/s >= 3 x 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import QUESTIONS, bench_runner, chat_ids, hardware_line  # noqa: E402
 from peft import (  # noqa: E402
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -48,16 +47,6 @@ from server.model_runner import ModelRunner, load_model  # noqa: E402
 from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent  # noqa: E402
 
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
-QUESTIONS = [
-    "Name a color of the sky.",
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves falling in the park.",
-    "How many legs does a spider have?",
-    "Explain photosynthesis in one sentence for a child who is eight years old.",
-    "Hi!",
-    "Translate 'good morning' into Spanish.",
-    "Give me three tips for better sleep.",
-]
 
 
 @dataclass
@@ -180,11 +169,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_peft.md"))
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(None, device=args.device)
-    runner = ModelRunner.from_model(loaded.model, loaded.tokenizer, loaded.name, eos_ids=frozenset())
+    runner = bench_runner(args.device, threads=args.threads)
     base = load_model(None, device=args.device).model.eval()  # PEFT's own copy of the base model
     base.requires_grad_(False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,9 +177,7 @@ def main() -> None:
     work: list[tuple[int, list[int]]] = []
     for j in range(args.per_task):
         for t in range(len(tasks)):
-            msgs = [{"role": "user", "content": QUESTIONS[(t + 3 * j) % len(QUESTIONS)]}]
-            raw = runner.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            work.append((t, [int(x) for x in (raw["input_ids"] if hasattr(raw, "keys") else raw)]))
+            work.append((t, chat_ids(runner, QUESTIONS[(t + 3 * j) % len(QUESTIONS)])))
     n_new = args.new_tokens
     engine = Engine(runner, max_batch_size=len(work))
     run_engine(engine, work, tasks, 2)  # warm: every task's prefix converted once
@@ -244,8 +227,7 @@ def render(
     lines = [
         "# softserve vs PEFT: 16 PEFT adapters, one mixed batch vs one adapter at a time",
         "",
-        f"- model: {runner.name} ({runner.dtype}, {runner.device}); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads; {platform.machine()}, {os.cpu_count()} cores",
+        hardware_line(runner),
         f"- {len(tasks)} adapters made with peft get_peft_model (random init; {kinds}; "
         f"m = {min(ms)}-{max(ms)}), "
         "saved with save_pretrained, imported with import_peft_adapter",
