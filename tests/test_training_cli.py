@@ -175,7 +175,7 @@ def test_cli_train_eval_compress_push(model_dir: Path, tmp_path: Path, capsys, m
 
 
 DDP_SCRIPT = """
-import json, os, torch
+import json, os, pathlib, torch
 from conftest import tiny_llama
 from tiny_tokenizer import tiny_tokenizer
 from training.data import Record, tokenize
@@ -189,7 +189,11 @@ world = int(os.environ.get("WORLD_SIZE", "1"))
 cfg = TrainConfig(steps=3, batch_size=4 // world, lr=5e-2, progress=False, use_accelerate=world > 1)
 losses = train(method, model, ex, cfg).losses
 keys = method.keys_values()[0].sum().item()
-print("RESULT", json.dumps({"rank": os.environ.get("RANK", "0"), "losses": losses, "keys": keys}))
+# One file per rank: two ranks printing to one shared stdout pipe can interleave their lines.
+rank = os.environ.get("RANK", "0")
+out_dir = pathlib.Path(os.environ["RESULT_DIR"])
+out_dir.mkdir(parents=True, exist_ok=True)
+(out_dir / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "losses": losses, "keys": keys}))
 """
 
 
@@ -208,10 +212,10 @@ def test_two_cpu_ranks_through_accelerate_match_one_process(tmp_path: Path) -> N
         [sys.executable, str(script)],
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
     ):
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
-        runs[len(cmd)] = [
-            json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("RESULT")
-        ]
+        result_dir = tmp_path / f"results{len(cmd)}"
+        run_env = {**env, "RESULT_DIR": str(result_dir)}
+        subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=120, check=True)
+        runs[len(cmd)] = [json.loads(f.read_text()) for f in sorted(result_dir.glob("rank*.json"))]
     (single,), ranks = runs[2], runs[6]
     assert len(ranks) == 2 and ranks[0]["keys"] == ranks[1]["keys"]
     assert ranks[0]["losses"] == pytest.approx(single["losses"], abs=1e-5)
