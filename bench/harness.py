@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,3 +48,48 @@ def hardware_line(runner: ModelRunner) -> str:
         f"- model: {runner.name} ({runner.dtype}, {runner.device}); torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads; {platform.machine()}, {os.cpu_count()} cores"
     )
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One line of the README's performance table: what was measured, the goal, the value, met or not."""
+
+    measure: str  # e.g. "mixed-batch decode throughput / bare, 16 requests"
+    target: str  # e.g. ">= 0.9"
+    measured: str  # e.g. "1.008"
+    met: bool
+
+
+def write_report(name: str, markdown: str, goals: list[Goal], data: dict[str, Any] | None = None) -> Path:
+    """Print the table; write bench/results/<name>.md and <name>.json (goals + raw data, for summary.py)."""
+    print(markdown)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md = RESULTS / f"{name}.md"
+    md.write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    payload = {
+        "name": name,
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "goals": [asdict(g) for g in goals],
+        "data": data or {},
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"wrote {md} and {md.with_suffix('.json')}")
+    return md
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """--device (auto, cpu, cuda, cuda:N), --dtype and --threads, the same in every serving benchmark."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+
+
+def savefig(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG next to its table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
