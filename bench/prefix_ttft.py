@@ -26,7 +26,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness import bench_runner, chat_ids, hardware_line  # noqa: E402
+from harness import (  # noqa: E402
+    RESULTS,
+    Goal,
+    add_device_args,
+    bench_runner,
+    chat_ids,
+    hardware_line,
+    savefig,
+    write_report,
+)
 
 from prompt_store import SoftPrompt  # noqa: E402
 from server.engine import Engine  # noqa: E402
@@ -82,11 +91,8 @@ def quantile(xs: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prefix_ttft.md"))
+    add_device_args(parser)
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per row (default: 30)")
     args = parser.parse_args()
     runner = bench_runner(args.device, args.dtype, args.threads)
     ids = chat_ids(runner, QUESTION)
@@ -128,12 +134,20 @@ def main() -> None:
         for name, fn in runs[shift:] + runs[:shift]:
             record(name, fn())
     report = render(args, runner, ids, samples, tokens, first_cold)
-    print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    plot(samples, out.with_suffix(".png"), runner)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    data = {"input_tokens": len(ids), "seconds": samples, "first_cold_s": first_cold}
+    write_report("prefix_ttft", report, goals(samples), data)
+    plot(samples, RESULTS / "prefix_ttft.png", runner)
+
+
+def goals(samples: dict[str, list[float]]) -> list[Goal]:
+    bare = statistics.median(samples["bare (engine)"])
+    out = []
+    for m in LENGTHS:
+        ratio = statistics.median(samples[f"m={m} engine, cached prefix"]) / bare
+        out.append(
+            Goal(f"TTFT with a cached {m}-token soft prompt / bare", "<= 1.15", f"{ratio:.3f}", ratio <= 1.15)
+        )
+    return out
 
 
 def render(
@@ -210,8 +224,7 @@ def plot(samples: dict[str, list[float]], path: Path, runner: ModelRunner) -> No
     ax.set_xlabel("time to first token (ms)")
     ax.set_title(f"TTFT, {runner.name} on {runner.device}")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    savefig(fig, path)
     plt.close(fig)
 
 

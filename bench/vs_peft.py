@@ -31,7 +31,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness import QUESTIONS, bench_runner, chat_ids, hardware_line  # noqa: E402
+from harness import (  # noqa: E402
+    QUESTIONS,
+    RESULTS,
+    Goal,
+    add_device_args,
+    bench_runner,
+    chat_ids,
+    hardware_line,
+    savefig,
+    write_report,
+)
 from peft import (  # noqa: E402
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -161,16 +171,16 @@ def run_peft(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tasks", type=int, default=16)
-    parser.add_argument("--per-task", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_peft.md"))
+    add_device_args(parser)
+    parser.add_argument("--tasks", type=int, default=16, help="PEFT adapters (default: 16)")
+    parser.add_argument("--per-task", type=int, default=2, help="requests per adapter (default: 2)")
+    parser.add_argument("--new-tokens", type=int, default=24, help="new tokens per request (default: 24)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs (default: 3)")
     args = parser.parse_args()
-    runner = bench_runner(args.device, threads=args.threads)
-    base = load_model(None, device=args.device).model.eval()  # PEFT's own copy of the base model
+    if min(args.tasks, args.per_task, args.new_tokens, args.repeats) < 1:
+        parser.error("--tasks, --per-task, --new-tokens and --repeats must be >= 1")
+    runner = bench_runner(args.device, args.dtype, args.threads)
+    base = load_model(None, dtype=args.dtype, device=args.device).model.eval()  # PEFT's own base model copy
     base.requires_grad_(False)
     with tempfile.TemporaryDirectory() as tmp:
         tasks = make_tasks(base, runner, args.tasks, Path(tmp))
@@ -197,12 +207,20 @@ def main() -> None:
         for a, b in zip(outs["softserve"], outs["peft"], strict=True)
     ]
     report = render(args, runner, tasks, work, times, same, first_diff, changed)
-    print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    plot(times, len(work) * n_new, out.with_suffix(".png"), runner)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    tokens = len(work) * n_new
+    ratio = statistics.median(times["peft"]) / statistics.median(times["softserve"])
+    goals = [
+        Goal(f"throughput softserve / PEFT, {len(tasks)} adapters", ">= 3x", f"{ratio:.2f}x", ratio >= 3),
+        Goal(
+            "greedy outputs identical to PEFT",
+            f"{len(work)} / {len(work)}",
+            f"{same} / {len(work)}",
+            same == len(work),
+        ),
+    ]
+    data = {"tokens": tokens, "seconds": times, "identical": same, "requests": len(work), "changed": changed}
+    write_report("vs_peft", report, goals, data)
+    plot(times, tokens, RESULTS / "vs_peft.png", runner)
 
 
 def render(
@@ -278,8 +296,7 @@ def plot(times: dict[str, list[float]], tokens: int, path: Path, runner: ModelRu
     ax.set_title(f"16 PEFT adapters, {runner.name} on {runner.device}")
     for i, r in enumerate(rates):
         ax.text(i, r, f"{r:.0f}", ha="center", va="bottom")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    savefig(fig, path)
     plt.close(fig)
 
 
