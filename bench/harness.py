@@ -51,6 +51,7 @@ def hardware_line(runner: ModelRunner) -> str:
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+STARTED = time.monotonic()  # when the benchmark script imported the harness: its elapsed time in the JSON
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def write_report(name: str, markdown: str, goals: list[Goal], data: dict[str, An
     payload = {
         "name": name,
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "elapsed_s": round(time.monotonic() - STARTED, 1),
         "goals": [asdict(g) for g in goals],
         "data": data or {},
     }
