@@ -209,10 +209,10 @@ def run_gist(bench: Bench) -> None:
 def markdown(bench: Bench, total_s: float) -> str:
     args, lm, rows = bench.args, bench.lm, bench.rows
     lines = [
-        "# methods benchmark: five soft-prompt methods on SmolLM2-135M-Instruct (CPU)",
+        f"# methods benchmark: five soft-prompt methods on {lm.name} ({args.device})",
         "",
-        f"- model: {lm.name} (float32, cpu); torch {torch.__version__}, {torch.get_num_threads()} CPU "
-        f"threads; {platform.machine()}, {os.cpu_count()} cores",
+        f"- model: {lm.name} (float32, {args.device}); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads; {platform.machine()}, {os.cpu_count()} cores",
         f"- tasks: {', '.join(args.tasks)} (shipped recipes, training/recipes/); held-out split 10% per "
         f"task, capped at {args.eval_size}; greedy decoding through the exported artifact's serving form",
         f"- training: {args.steps} steps per method and task (gist: {args.gist_steps} steps on the mixture "
@@ -260,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--methods", default="all", help="comma-separated subset of the five (default: all)")
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (%(default)s)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="2 steps, 4 eval examples: checks the plumbing only")
     p.add_argument("--out", default=None, help="markdown path (default bench/results/methods.md)")
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     wanted = None if args.methods == "all" else set(args.methods.split(","))
     PLANS = [p for p in PLANS if wanted is None or p[0] in wanted]
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device)
     log(f"loaded {lm.name}")
     bench = Bench(args, lm, {t: load_split([recipe_path(t)], 0.1, 0, args.eval_size) for t in args.tasks})
     for task, data in bench.splits.items():
