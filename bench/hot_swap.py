@@ -591,6 +591,7 @@ def main() -> None:
                 s.stop()
         if redis is not None:
             redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     hw = (
         f"- model: {maker.fingerprint.name}; servers: --device {args.device} --dtype {args.dtype}, "
         f"{f'OMP_NUM_THREADS={args.threads}' if args.threads else 'torch default threads'}; "
@@ -604,7 +605,6 @@ def main() -> None:
     }
     write_report("hot_swap", report, goals(scenarios, results), data)
     plot(scenarios, results, RESULTS / "hot_swap.png")
-    shutil.rmtree(tmp, ignore_errors=True)
     print(f"elapsed {time.monotonic() - t0:.1f} s")
 
 
