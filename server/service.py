@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
 
 from prompt_store.cache import Lease
 from server.engine import EngineStopped, QueueFull
@@ -30,11 +32,17 @@ class Prepared:
     virtual_tokens: int
     lease: Lease | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+    submitted: bool = False
 
     def release(self) -> None:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
+
+    def abandon(self) -> None:
+        """After a response ends however it ends: stop the request if still running, unpin the task."""
+        self.request.cancelled.set()
+        self.release()
 
 
 @dataclass
@@ -122,8 +130,10 @@ async def prepare(
 
 
 def submit(state: ServerState, prepared: Prepared) -> None:
+    """Hand the request to the engine; a full queue or a stopped engine raises (and unpins the task)."""
     try:
         state.engine.submit(prepared.request)
+        prepared.submitted = True
     except EngineStopped as exc:
         prepared.release()
         raise NotReady("server is shutting down", retry_after=5) from exc
@@ -135,8 +145,12 @@ def submit(state: ServerState, prepared: Prepared) -> None:
 
 
 async def events(state: ServerState, prepared: Prepared) -> AsyncIterator[TokenEvent]:
-    """Submit and yield engine events until the final one; cancels the request if the consumer goes away."""
-    submit(state, prepared)
+    """Submit (unless already submitted) and yield engine events until the final one.
+
+    Cancels the request if the consumer goes away.
+    """
+    if not prepared.submitted:
+        submit(state, prepared)
     queue = prepared.request.events
     assert queue is not None
     finished = False
@@ -162,6 +176,15 @@ async def events(state: ServerState, prepared: Prepared) -> AsyncIterator[TokenE
         if not finished:
             prepared.request.cancelled.set()
         prepared.release()
+
+
+def event_stream(state: ServerState, prepared: Prepared, body: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events for `body` (built on `events`). The request is submitted here, before any header
+    is sent, so a full queue is a 429 response and not a 200 whose stream breaks off."""
+    submit(state, prepared)
+    return StreamingResponse(
+        body, media_type="text/event-stream", background=BackgroundTask(prepared.abandon)
+    )
 
 
 async def run_to_completion(state: ServerState, prepared: Prepared) -> Outcome:

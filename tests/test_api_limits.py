@@ -38,11 +38,20 @@ def test_queue_full_is_429_with_retry_after_and_nothing_is_lost(tmp_path: Path) 
             assert rejected.status_code == 429
             assert int(rejected.headers["retry-after"]) >= 1
             assert "queue" in rejected.json()["error"]["message"]
+            # streaming too: the 429 comes before any header, not as a 200 whose stream breaks off
+            for path, body in (
+                ("/generate", {"prompt": "d", "max_new_tokens": 2, "stream": True}),
+                ("/v1/completions", {"prompt": "d", "max_tokens": 2, "stream": True}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "d"}], "stream": True}),
+            ):
+                streamed = client.post(path, json=body)
+                assert streamed.status_code == 429, (path, streamed.status_code, streamed.text)
+                assert streamed.headers["retry-after"] and "queue" in streamed.json()["error"]["message"]
             final = [json.loads(line[6:]) for line in lines if line.startswith("data: {")][-1]
         assert final["finish_reason"] == "length"  # precondition: the long request really ran to its limit
         waiter.join(30)
         assert results["queued"] == 200
-        assert 'softserve_rejections_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+        assert 'softserve_rejections_total{reason="queue_full"} 4.0' in client.get("/metrics").text
         wait_until(lambda: state.engine.stats()["batch_size"] == 0)
 
 

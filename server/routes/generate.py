@@ -66,7 +66,7 @@ async def generate(body: GenerateRequest, state: StateDep) -> GenerateResponse |
     """Generate with a task's soft prompt (or the bare model when task_id is omitted or 'base')."""
     prepared = await prepare_generate(state, body)
     if body.stream:
-        return StreamingResponse(stream_events(state, prepared), media_type="text/event-stream")
+        return service.event_stream(state, prepared, stream_events(state, prepared))
     out = await service.run_to_completion(state, prepared)
     return GenerateResponse(
         task_id=prepared.task_id,

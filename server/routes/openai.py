@@ -69,7 +69,7 @@ async def _stream(state: ServerState, prepared: Prepared, kind: str, model: str)
 async def completions(body: CompletionRequest, state: StateDep) -> dict[str, Any] | StreamingResponse:
     prepared = await _prepare(state, body, body.prompt, None)
     if body.stream:
-        return StreamingResponse(_stream(state, prepared, "cmpl", body.model), media_type="text/event-stream")
+        return service.event_stream(state, prepared, _stream(state, prepared, "cmpl", body.model))
     out = await service.run_to_completion(state, prepared)
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
@@ -90,9 +90,7 @@ async def chat_completions(
     messages = [m.model_dump() for m in body.messages]
     prepared = await _prepare(state, body, None, messages)
     if body.stream:
-        return StreamingResponse(
-            _stream(state, prepared, "chatcmpl", body.model), media_type="text/event-stream"
-        )
+        return service.event_stream(state, prepared, _stream(state, prepared, "chatcmpl", body.model))
     out = await service.run_to_completion(state, prepared)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
