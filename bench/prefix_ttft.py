@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.stats import quantile  # noqa: E402
 from harness import (  # noqa: E402
     RESULTS,
     Goal,
@@ -82,11 +83,6 @@ def naive_ttft(runner: ModelRunner, ids: list[int], prompt: torch.Tensor | None)
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, token
-
-
-def quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ Goals: decode and end-to-end tokens/s with 1000 tasks >= 0.9 x with 1 task; RSS 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ctypes
 import os
 import random
@@ -33,9 +32,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,29 +43,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness import (  # noqa: E402
-    QUESTIONS,
-    RESULTS,
-    Goal,
-    add_device_args,
-    bench_runner,
-    chat_ids,
-    hardware_line,
-    savefig,
-    write_report,
-)
+from common.artifacts import vocab_embeds  # noqa: E402
+from common.inline_serving import build_serving, decode_rate, lru_counts, run_requests  # noqa: E402
+from common.scale_tasks_report import MiB, make_goals, plot, render  # noqa: E402
+from common.timing import TimedStore, Timers, time_calls  # noqa: E402
+from harness import QUESTIONS, RESULTS, add_device_args, bench_runner, chat_ids, write_report  # noqa: E402
 
 from prompt_store import Limits  # noqa: E402
 from prompt_store.artifact import make_artifact  # noqa: E402
 from prompt_store.backends import Store, open_store  # noqa: E402
-from prompt_store.backends.base import ChangeEvent, TaskInfo  # noqa: E402
-from prompt_store.cache import ServingCache  # noqa: E402
 from prompt_store.types import Artifact, SoftPrompt  # noqa: E402
 from prompt_store.validation import to_serving_form  # noqa: E402
-from server.engine import Engine  # noqa: E402
 from server.model_runner import ModelRunner  # noqa: E402
-from server.requests import SamplingParams, TokenEvent  # noqa: E402
-from server.service import Prepared, prepare  # noqa: E402
 from server.settings import Settings, redact_store  # noqa: E402
 from server.state import ServerState  # noqa: E402
 
@@ -75,83 +62,6 @@ COUNTS = (1, 10, 100, 1000)
 # 20 slots: 9 prompt tuning, 7 prefix tuning, 2 P-tuning, 1 gist, 1 ACCEPT
 MIX = ("prompt_tuning", "prefix_tuning") * 7 + ("prompt_tuning", "prompt_tuning", "p_tuning", "p_tuning")
 MIX += ("gist", "accept")
-MiB = 1024 * 1024
-
-
-# ---- timing -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Timers:
-    """Seconds spent in instrumented calls since the last reset."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
-
-    def add(self, name: str, dt: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + dt
-        self.calls[name] = self.calls.get(name, 0) + 1
-
-    def reset(self) -> None:
-        self.seconds.clear()
-        self.calls.clear()
-
-    def get(self, name: str) -> float:
-        return self.seconds.get(name, 0.0)
-
-
-class TimedStore(Store):
-    """Delegates to a real store and times get() and info() (what a cache miss pays for the store)."""
-
-    def __init__(self, inner: Store, timers: Timers) -> None:
-        self.inner = inner
-        self.timers = timers
-
-    def put(self, artifact: Artifact) -> int:
-        return self.inner.put(artifact)
-
-    def get(self, task_id: str, version: int | None = None) -> Artifact:
-        t = time.perf_counter()
-        try:
-            return self.inner.get(task_id, version)
-        finally:
-            self.timers.add("store", time.perf_counter() - t)
-
-    def info(self, task_id: str) -> TaskInfo:
-        t = time.perf_counter()
-        try:
-            return self.inner.info(task_id)
-        finally:
-            self.timers.add("store", time.perf_counter() - t)
-
-    def list(self) -> list[TaskInfo]:
-        return self.inner.list()
-
-    def delete(self, task_id: str) -> None:
-        self.inner.delete(task_id)
-
-    def watch(self, stop: object | None = None, poll_interval: float = 1.0) -> Iterator[ChangeEvent]:
-        return self.inner.watch(stop, poll_interval)
-
-    def ping(self) -> None:
-        self.inner.ping()
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def time_calls(obj: Any, method: str, name: str, timers: Timers, sync: Callable[[], None]) -> None:
-    """Time every call of obj.method (an instance attribute wraps the bound method) under `name`."""
-    inner = getattr(obj, method)
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        t = time.perf_counter()
-        out = inner(*args, **kwargs)
-        sync()
-        timers.add(name, time.perf_counter() - t)
-        return out
-
-    setattr(obj, method, timed)
 
 
 # ---- tasks ------------------------------------------------------------------------------------------------
@@ -162,9 +72,7 @@ class TaskFactory:
 
     def __init__(self, runner: ModelRunner, m: int, seed: int = 0) -> None:
         self.runner, self.m, self.fp = runner, m, runner.fingerprint
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(100, 10_000, (m,), generator=g)
-        self.embeds = runner.embed(ids).float().cpu()  # [m, d]
+        self.embeds = vocab_embeds(runner, m, seed)  # [m, d]
         keys, values = runner.prefix_kv(SoftPrompt(embeds=self.embeds.to(runner.device, runner.dtype)))
         self.keys, self.values = keys.float().cpu(), values.float().cpu()  # [L, Hkv, m, Dh] each
         self.scale = float(self.embeds.std())
@@ -220,121 +128,8 @@ def store_bytes(spec: str) -> int | None:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-# ---- serving ----------------------------------------------------------------------------------------------
-
-
-def build_serving(settings: Settings, runner: ModelRunner, store: Store) -> ServerState:
-    """server/app.py's build_state with the given runner and store, minus the engine thread (stepped here)."""
-    limits = Limits(max_virtual_tokens=settings.max_virtual_tokens, max_file_bytes=settings.max_body_bytes)
-    cache = ServingCache(store, runner.fingerprint, settings.cache_bytes, limits=limits)
-    cache.start_watch(settings.store_poll_interval)
-    engine = Engine(
-        runner,
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        prefix_cache_bytes=settings.prefix_cache_bytes,
-    )
-    return ServerState(settings=settings, runner=runner, engine=engine, store=store, cache=cache)
-
-
-async def _prepare_all(state: ServerState, reqs: list[tuple[str, list[int]]], n_new: int) -> list[Prepared]:
-    params = SamplingParams(max_new_tokens=n_new)
-    return [await prepare(state, tid, list(ids), params) for tid, ids in reqs]
-
-
-@dataclass
-class Run:
-    seconds: float  # first prepare -> last token
-    prepare_s: float  # leases: store reads + conversions
-    prefill_s: float  # the first engine step: prefix KV of uncached tasks + prefill of every row
-    tokens: int
-    decode_steps: list[tuple[float, int]]  # (seconds, rows) of every later step
-    timers: dict[str, float]
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.seconds
-
-
-def run_requests(
-    state: ServerState,
-    reqs: list[tuple[str, list[int]]],
-    n_new: int,
-    sync: Callable[[], None],
-    timers: Timers,
-) -> tuple[Run, list[float]]:
-    """Prepare every request (lease its task), enqueue them together, step to the end; first-token times."""
-    engine = state.engine
-    counts = [0] * len(reqs)
-    first: list[float] = [0.0] * len(reqs)
-    errors: list[str] = []
-
-    def counter(i: int) -> Callable[[TokenEvent], None]:
-        def deliver(event: TokenEvent) -> None:
-            if event.token_id is not None:
-                if not counts[i]:
-                    first[i] = time.perf_counter()
-                counts[i] += 1
-            if event.finish_reason not in (None, "length"):
-                errors.append(f"request {i} ({reqs[i][0]}) ended {event.finish_reason}: {event.error}")
-
-        return deliver
-
-    timers.reset()
-    sync()
-    t0 = time.perf_counter()
-    prepared = asyncio.run(_prepare_all(state, reqs, n_new))
-    t_prep = time.perf_counter()
-    try:
-        for i, p in enumerate(prepared):
-            engine.enqueue(p.request, counter(i))
-        engine.step()
-        sync()
-        t_prefill = time.perf_counter()
-        steps = []
-        while engine.active or engine.queue_depth:
-            rows, t = engine.active, time.perf_counter()
-            engine.step()
-            sync()
-            steps.append((time.perf_counter() - t, rows))
-    finally:
-        for p in prepared:
-            p.release()
-    end = time.perf_counter()
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    run = Run(end - t0, t_prep - t0, t_prefill - t_prep, sum(counts), steps, dict(timers.seconds))
-    return run, [f - t0 for f in first]
-
-
-def decode_rate(runs: list[Run], quantile: float = 0.2) -> float:
-    """Rows / a low quantile of the full-batch decode step times pooled over runs (noise only adds time)."""
-    if not any(r.decode_steps for r in runs):
-        return float("nan")
-    full = max(rows for r in runs for _, rows in r.decode_steps)
-    times = sorted(t for r in runs for t, rows in r.decode_steps if rows == full)
-    return full / times[min(len(times) - 1, int(quantile * len(times)))]
-
-
 def rss() -> int:
     return psutil.Process().memory_info().rss
-
-
-def quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
-
-
-def lru_counts(state: ServerState) -> dict[str, int]:
-    c, p = state.cache.lru, state.engine.prefix_cache
-    return {
-        "serve_hits": c.hits,
-        "serve_misses": c.misses,
-        "serve_evictions": c.evictions,
-        "prefix_hits": p.hits,
-        "prefix_misses": p.misses,
-        "prefix_evictions": p.evictions,
-    }
 
 
 # ---- main -------------------------------------------------------------------------------------------------
@@ -549,189 +344,6 @@ def time_scan(store: Store) -> float | None:
     t = time.perf_counter()
     scan()
     return time.perf_counter() - t
-
-
-# ---- report -----------------------------------------------------------------------------------------------
-
-
-def make_goals(rows: list[dict[str, Any]], cold: dict[str, Any], info: dict[str, Any]) -> list[Goal]:
-    one, big = rows[0], rows[-1]
-    label = f"{big['tasks']} tasks / {one['tasks']} task"
-    dec = big["decode_tps"] / one["decode_tps"]
-    e2e = big["e2e_tps"] / one["e2e_tps"]
-    growth = big["rss"] - one["rss"]
-    bound = info["cache_bytes"] + info["prefix_cache_bytes"]
-    goals = [
-        Goal(f"decode tokens/s, {label}", ">= 0.9", f"{dec:.3f}", dec >= 0.9),
-        Goal(f"end-to-end tokens/s, {label}", ">= 0.9", f"{e2e:.3f}", e2e >= 0.9),
-        Goal(
-            f"RSS growth {one['tasks']} -> {big['tasks']} tasks",
-            f"<= cache bounds ({bound / MiB:.0f} MiB)",
-            f"{growth / MiB:.1f} MiB",
-            growth <= bound,
-        ),
-    ]
-    if cold["cold"]:
-        c50, w50 = statistics.median(cold["cold"]), statistics.median(cold["warm"])
-        goals.append(
-            Goal(
-                "cold first token p50 / warm p50",
-                "<= 2.0",
-                f"{c50 / w50:.2f} ({1e3 * c50:.1f} ms)",
-                c50 <= 2 * w50,
-            )
-        )
-    return goals
-
-
-def render(
-    args: argparse.Namespace,
-    runner: ModelRunner,
-    rows: list[dict[str, Any]],
-    cold: dict[str, Any],
-    info: dict[str, Any],
-    goals: list[Goal],
-) -> str:
-    lines = [
-        "# scale in tasks: throughput and memory vs registered tasks, cold loads",
-        "",
-        hardware_line(runner),
-        f"- store: {info['store']}; tasks of {info['virtual_tokens']} virtual tokens, methods cycling "
-        "prompt tuning 45%, prefix tuning 35%, P-tuning 10%, gist 5%, ACCEPT 5%; "
-        f"{info['registered']} artifacts written in {info['write_s']:.1f} s",
-        f"- ServingCache bound {info['cache_bytes'] / MiB:.1f} MiB, device prefix cache bound "
-        f"{info['prefix_cache_bytes'] / MiB:.1f} MiB (= {info['fit']} tasks x "
-        f"{info['prefix_bytes_per_task'] / 1024:.0f} KiB of KV); store watcher polling every "
-        f"{info['poll_interval_s']:g} s",
-        f"- workload: {args.requests} requests prepared (server.service.prepare) and enqueued together, "
-        f"tasks drawn uniformly over the registered ones; {args.new_tokens} new tokens each "
-        "(greedy, eos ignored); "
-        f"{args.reps} reps per task count, new draws each",
-        "- decode = rows / 20th-percentile full-batch step (median step in brackets); end-to-end = tokens / "
-        "(first prepare -> last token), median over reps; store / prefix KV / prefill = seconds per run "
-        "spent in store reads, prefix-KV conversion and the first engine step (median)",
-        "- hit rates and evictions over the count's reps; RSS and cache bytes after them; RSS after the "
-        f"bare warm-up: {info['rss_start'] / MiB:.0f} MiB",
-        "",
-        "| tasks | decode tok/s | end-to-end tok/s | store s | prefix KV s | prefill s | serving hit "
-        "| prefix hit | evictions (serving / prefix) | serving cache MiB | prefix cache MiB | RSS MiB "
-        "| store MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        sb = "" if r["store_bytes"] is None else f"{r['store_bytes'] / MiB:.1f}"
-        lines.append(
-            f"| {r['tasks']} | {r['decode_tps']:.1f} ({r['decode_tps_median']:.1f}) | {r['e2e_tps']:.1f} | "
-            f"{r['store_s']:.3f} | {r['prefix_kv_s']:.3f} | {r['prefill_s']:.3f} | "
-            f"{r['serve_hit_rate']:.2f} | {r['prefix_hit_rate']:.2f} | "
-            f"{r['serve_evictions']} / {r['prefix_evictions']} | {r['serve_cache_bytes'] / MiB:.1f} | "
-            f"{r['prefix_cache_bytes'] / MiB:.1f} | {r['rss'] / MiB:.0f} | {sb} |"
-        )
-    if rows[0].get("cuda_allocated") is not None:
-        lines.append("")
-        lines.append(
-            "CUDA memory allocated after each count: "
-            + ", ".join(f"{r['tasks']}: {r['cuda_allocated'] / MiB:.0f} MiB" for r in rows)
-        )
-    lines += [
-        "",
-        f"RSS after the cold-load runs: {info['rss_end'] / MiB:.0f} MiB"
-        + (
-            ""
-            if info["rss_trimmed"] is None
-            else f"; after malloc_trim(0): {info['rss_trimmed'] / MiB:.0f} MiB (the difference is freed "
-            "memory glibc malloc had kept)"
-        )
-        + ".",
-    ]
-    if info["scan_s"] is not None:
-        lines += [
-            "",
-            f"One store-watcher poll over all {info['registered']} task pointers: "
-            f"{1e3 * info['scan_s']:.1f} ms (the watch thread does this every "
-            f"{info['poll_interval_s']:g} s).",
-        ]
-    if cold["cold"]:
-        n = len(cold["cold"])
-        methods = ", ".join(f"{k} x{cold['method'].count(k)}" for k in dict.fromkeys(cold["method"]))
-        lines += [
-            "",
-            f"## cold load: first token of a task in no cache ({n} tasks: {methods})",
-            "",
-            "One request (chat question, max_new_tokens=1): prepare (lease: store read + validate + convert) "
-            "+ first engine step (prefix KV on a miss + prefill). Warm = the same request again. The store "
-            "files were written seconds earlier, so the OS page cache holds them.",
-            "",
-            "| | p50 ms | p99 ms | mean ms |",
-            "|---|---:|---:|---:|",
-        ]
-        for name in ("cold", "warm"):
-            xs = cold[name]
-            lines.append(
-                f"| {name} first token | {1e3 * statistics.median(xs):.1f} | "
-                f"{1e3 * quantile(xs, 0.99):.1f} | {1e3 * statistics.mean(xs):.1f} |"
-            )
-        for part, label in (
-            ("store", "store info + get (sha256-verified read)"),
-            ("convert", "validate + convert + lease (rest of cache.acquire)"),
-            ("prepare", "rest of prepare (asyncio + worker-thread hop, limit checks)"),
-            ("prefix_kv", "prefix KV (forward of the embeddings, or copy of KV)"),
-            ("forward", "first token (prefill forward + sampling)"),
-        ):
-            xs = [p[part] for p in cold["parts"]]
-            lines.append(
-                f"| cold: {label} | {1e3 * statistics.median(xs):.1f} | {1e3 * quantile(xs, 0.99):.1f} | "
-                f"{1e3 * statistics.mean(xs):.1f} |"
-            )
-        lines.append("")
-        lines.append(f"p99 over {n} samples is their maximum.")
-    lines += ["", "## goals", "", "| measure | goal | measured | met |", "|---|---|---|---|"]
-    for g in goals:
-        lines.append(f"| {g.measure} | {g.target} | {g.measured} | {'yes' if g.met else '**no**'} |")
-    lines += ["", f"Run time: {info['elapsed_s']:.0f} s.", ""]
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict[str, Any]], cold: dict[str, Any], path: Path, runner: ModelRunner) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.2))
-    n = [r["tasks"] for r in rows]
-    ax1.plot(n, [r["decode_tps"] for r in rows], "o-", label="decode")
-    ax1.plot(n, [r["e2e_tps"] for r in rows], "s-", label="end-to-end")
-    ax1.set_xscale("log")
-    ax1.set_ylim(bottom=0)
-    ax1.set_xlabel("registered tasks")
-    ax1.set_ylabel("tokens/s")
-    ax1.set_title("throughput")
-    ax1.legend()
-    ax2.plot(n, [r["rss"] / MiB for r in rows], "o-", label="process RSS")
-    ax2.plot(
-        n, [(r["serve_cache_bytes"] + r["prefix_cache_bytes"]) / MiB for r in rows], "s-", label="cache bytes"
-    )
-    ax2.set_xscale("log")
-    ax2.set_ylim(bottom=0)
-    ax2.set_xlabel("registered tasks")
-    ax2.set_ylabel("MiB")
-    ax2.set_title("memory")
-    ax2.legend()
-    if cold["cold"]:
-        parts = ("store", "convert", "prepare", "prefix_kv", "forward")
-        bottom = 0.0
-        for part in parts:
-            v = 1e3 * statistics.median(p[part] for p in cold["parts"])
-            ax3.bar(["cold"], [v], bottom=[bottom], label=part)
-            bottom += v
-        ax3.bar(["warm"], [1e3 * statistics.median(cold["warm"])], color="tab:gray", label="warm")
-        ax3.set_ylabel("first token, median ms")
-        ax3.set_title("cold vs warm first token")
-        ax3.legend(fontsize=8)
-    fig.suptitle(f"scale in tasks, {runner.name} on {runner.device}")
-    savefig(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
