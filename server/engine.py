@@ -23,8 +23,8 @@ import torch
 from prompt_store.lru import ByteLRU
 from server.batch_state import BatchState, PrefillItem, decode_one_token, prefill
 from server.model_runner import ModelRunner
-from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefix
-from server.requests import GenerationRequest, TokenEvent
+from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefix, device_prefixes
+from server.requests import GenerationRequest, TaskPrompt, TokenEvent
 from server.sampling import TextStream, make_generator, sample_tokens
 
 log = logging.getLogger("softserve.engine")
@@ -137,14 +137,32 @@ class Engine:
 
     def enqueue(self, req: GenerationRequest, deliver: Deliver) -> GenerationRequest:
         """Queue a request whose events go to `deliver` (called on the engine thread)."""
+        dropped: list[tuple[_Pending, str]] = []
         with self._cv:
             if not self._accepting:
                 raise EngineStopped("the engine is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self._queue_room():
+                dropped = self._drop_abandoned(time.monotonic())
+            if len(self._waiting) >= self._queue_room():
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (limit {self.max_queue})")
             self._waiting.append(_Pending(req, deliver))
             self._cv.notify_all()
+        for p, reason in dropped:
+            self._send(p, TokenEvent(None, "", finish_reason=reason))
         return req
+
+    def _queue_room(self) -> int:
+        """Waiting requests allowed: the queue limit plus the batch slots free at the next step."""
+        return self.max_queue + max(0, self.max_batch_size - len(self._rows))
+
+    def _drop_abandoned(self, now: float) -> list[tuple[_Pending, str]]:
+        """Cancelled and past-deadline waiting requests leave the queue now (caller holds the lock), so a
+        client that gave up does not hold a slot until the next step."""
+        dropped = [(p, r) for p in self._waiting if (r := _leave_reason(p.req, now)) is not None]
+        if dropped:
+            gone = {id(p) for p, _ in dropped}
+            self._waiting = deque(p for p in self._waiting if id(p) not in gone)
+        return dropped
 
     def generate_sync(self, req: GenerationRequest, timeout: float | None = None) -> list[TokenEvent]:
         """Run one request to the end without asyncio (stepping inline when no engine thread runs)."""
@@ -233,20 +251,11 @@ class Engine:
             self._recent.append((time.monotonic(), self.tokens_generated - before))
 
     def _take_waiting(self, now: float) -> list[_Pending]:
-        taken: list[_Pending] = []
-        dropped: list[tuple[_Pending, str]] = []
+        """Waiting requests for the free batch slots, oldest first; abandoned ones leave the queue."""
         with self._cv:
-            kept: deque[_Pending] = deque()
-            capacity = self.max_batch_size - len(self._rows)
-            for p in self._waiting:
-                reason = _leave_reason(p.req, now)
-                if reason is not None:
-                    dropped.append((p, reason))
-                elif len(taken) < capacity:
-                    taken.append(p)
-                else:
-                    kept.append(p)
-            self._waiting = kept
+            dropped = self._drop_abandoned(now)
+            free = max(0, self.max_batch_size - len(self._rows))
+            taken = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         for p, reason in dropped:
             self._send(p, TokenEvent(None, "", finish_reason=reason))
         return taken
@@ -262,9 +271,10 @@ class Engine:
     def _admit(self, admitted: list[_Pending]) -> None:
         rows: list[_Row] = []
         items: list[PrefillItem] = []
+        prefixes = self._prefixes([p.req.task for p in admitted if p.req.task is not None])
         for p in admitted:
             try:
-                item = self._prefill_item(p.req)
+                item = self._prefill_item(p.req, prefixes)
             except Exception as exc:
                 log.warning("request %d rejected before prefill: %s", p.req.request_id, type(exc).__name__)
                 self._send(p, TokenEvent(None, "", finish_reason="error", error=str(exc)[:300]))
@@ -322,7 +332,16 @@ class Engine:
 
     # ---- per-row bookkeeping -----------------------------------------------------------------------------
 
-    def _prefill_item(self, req: GenerationRequest) -> PrefillItem:
+    def _prefixes(self, tasks: list[TaskPrompt]) -> dict[PrefixKey, DevicePrefix]:
+        """The admitted tasks' prefixes, cold embedding prefixes converted in one forward; on any error the
+        rows fall back to converting their own prefix (so a failure stays with its request)."""
+        try:
+            return device_prefixes(self.runner, self.prefix_cache, tasks)
+        except Exception:
+            log.exception("batched prefix conversion of %d tasks failed; converting one by one", len(tasks))
+            return {}
+
+    def _prefill_item(self, req: GenerationRequest, prefixes: dict[PrefixKey, DevicePrefix]) -> PrefillItem:
         """Checks that would otherwise fail the whole prefill group, then the row's prefix and prompt."""
         ids = list(req.prompt_ids)
         if not ids:
@@ -330,7 +349,10 @@ class Engine:
         vocab = self.runner.fingerprint.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        prefix = self._bare if req.task is None else device_prefix(self.runner, self.prefix_cache, req.task)
+        if req.task is None:
+            prefix = self._bare
+        else:
+            prefix = prefixes.get(req.task.key) or device_prefix(self.runner, self.prefix_cache, req.task)
         if prefix.next_position + len(ids) > self.runner.max_context:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) starting at position {prefix.next_position} exceeds the model "

@@ -209,6 +209,34 @@ class ModelRunner:
         values = torch.stack([v[0] for _, v in layers])  # [L, Hkv, m, Dh]
         return keys, values
 
+    def embedding_prefix_kvs(self, embeds: list[torch.Tensor]) -> list[KV]:
+        """Several embedding prefixes [m_i, d] -> their KV prefixes [L, Hkv, m_i, Dh], in one forward.
+
+        Rows are right-padded to the longest: under the causal mask a position never sees the padding after
+        it, so each row's first m_i positions are its own prefix.
+        """
+        lengths = [int(e.shape[0]) for e in embeds]
+        width = max(lengths)
+        batch = torch.zeros(len(embeds), width, self.hidden_size, device=self.device, dtype=self.dtype)
+        for i, e in enumerate(embeds):
+            batch[i, : lengths[i]] = e.to(self.device, self.dtype)  # [m_i, d]
+        cache = self.new_cache()
+        self.model(
+            inputs_embeds=batch,  # [n, W, d]
+            attention_mask=torch.ones(len(embeds), width, dtype=torch.long, device=self.device),  # [n, W]
+            position_ids=torch.arange(width, device=self.device)[None].expand(len(embeds), -1),  # [n, W]
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        layers = [layer_kv(cache, i) for i in range(len(cache.layers))]  # [n, Hkv, W, Dh] each
+        keys = torch.stack([k for k, _ in layers])  # [L, n, Hkv, W, Dh]
+        values = torch.stack([v for _, v in layers])  # [L, n, Hkv, W, Dh]
+        return [
+            (keys[:, i, :, :m].contiguous(), values[:, i, :, :m].contiguous())  # [L, Hkv, m_i, Dh] each
+            for i, m in enumerate(lengths)
+        ]
+
     def decode(self, ids: list[int]) -> str:
         text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
         return text

@@ -45,10 +45,54 @@ def device_prefix(
     cached = cache.get(task.key)
     if cached is not None:
         return cached
+    return _store(runner, cache, task, runner.prefix_kv(task.prompt))
+
+
+def device_prefixes(
+    runner: ModelRunner, cache: ByteLRU[PrefixKey, DevicePrefix], tasks: list[TaskPrompt]
+) -> dict[PrefixKey, DevicePrefix]:
+    """Every task's device prefix, converting the ones missing from `cache`; the missing embedding prefixes
+    run through the model in one batched forward (not one each), so many cold tasks cost one pass.
+
+    A task whose prefix fails its checks is left out; `device_prefix` then raises for its own request.
+    """
+    found: dict[PrefixKey, DevicePrefix] = {}
+    missing: dict[PrefixKey, TaskPrompt] = {}
+    for task in tasks:
+        if task.key in found or task.key in missing:
+            continue
+        cached = cache.get(task.key)
+        if cached is not None:
+            found[task.key] = cached
+        else:
+            missing[task.key] = task
+    embedding = {key: t.prompt.embeds for key, t in missing.items() if _is_embedding_prefix(t.prompt)}
+    batched: dict[PrefixKey, tuple[torch.Tensor, torch.Tensor]] = {}
+    if len(embedding) > 1:
+        kvs = runner.embedding_prefix_kvs([e for e in embedding.values() if e is not None])
+        batched = dict(zip(embedding, kvs, strict=True))  # [L, Hkv, m_i, Dh] each
+    for key, task in missing.items():
+        try:
+            kv = batched[key] if key in batched else runner.prefix_kv(task.prompt)
+            found[key] = _store(runner, cache, task, kv)
+        except ValueError:
+            continue
+    return found
+
+
+def _is_embedding_prefix(prompt: SoftPrompt) -> bool:
+    return prompt.keys is None and prompt.embeds is not None and prompt.embeds.shape[0] > 0
+
+
+def _store(
+    runner: ModelRunner,
+    cache: ByteLRU[PrefixKey, DevicePrefix],
+    task: TaskPrompt,
+    kv: tuple[torch.Tensor, torch.Tensor],  # [L, Hkv, m, Dh] each
+) -> DevicePrefix:
     prompt = task.prompt
-    keys, values = runner.prefix_kv(prompt)  # [L, Hkv, m, Dh] each
     added = None if prompt.added is None else prompt.added.to(runner.device, runner.dtype)  # [s, d]
-    entry = DevicePrefix(keys, values, int(prompt.next_position), added)
+    entry = DevicePrefix(kv[0], kv[1], int(prompt.next_position), added)
     check_prefix(entry, runner)
     return cache.put(task.key, entry, entry.nbytes())
 

@@ -190,11 +190,24 @@ def test_seeded_sampling_is_reproducible(runner: ModelRunner) -> None:
 
 
 def test_queue_full_and_stopped(runner: ModelRunner) -> None:
-    engine = Engine(runner, max_queue=2)
-    enqueue(engine, request([5], 1))
-    enqueue(engine, request([6], 1))
+    """The engine holds max_batch_size + max_queue requests: free batch slots count as room to wait."""
+    engine = Engine(runner, max_batch_size=2, max_queue=2)
+    first = [enqueue(engine, request([5 + i], 20)) for i in range(4)]
     with pytest.raises(QueueFull):
-        enqueue(engine, request([7], 1))
+        enqueue(engine, request([9], 1))
+    engine.step()  # two rows run, two wait: the batch is full, so the room is the queue limit alone
+    assert (engine.active, engine.queue_depth) == (2, 2)
+    with pytest.raises(QueueFull):
+        enqueue(engine, request([9], 1))
+    # a waiting request whose client gave up frees its slot at once, not at the next step
+    waiting = [p.req for p in engine._waiting]
+    waiting[0].cancelled.set()
+    late = enqueue(engine, request([10], 1))
+    assert first[2][-1].finish_reason == "cancelled" and engine.queue_depth == 2
+    while engine.active or engine.queue_depth:
+        engine.step()
+    assert [e[-1].finish_reason for e in first] == ["length", "length", "cancelled", "length"]
+    assert late[-1].finish_reason == "length"
     engine.start()
     engine.stop(drain_timeout=5)
     assert not engine.is_running()
