@@ -37,10 +37,16 @@ test: $(STAMP) redis lint
 serve: $(STAMP)
 	$(BIN)/softserve serve --host $(HOST) --port $(PORT)
 
+# Every serving benchmark (SmolLM2 on CPU here: about 25 min on 2 cores), then the summary table into the
+# README. Each script writes bench/results/<name>.md/.json/.png; pass BENCH_ARGS="--device cuda" on a GPU.
+BENCHES := serve_smoke vs_peft prefix_ttft hot_swap scale_tasks gist http_load
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python bench/serve_smoke.py
-	$(BIN)/python bench/prefix_ttft.py
-	$(BIN)/python bench/vs_peft.py
+	@for b in $(BENCHES); do \
+		echo "== bench/$$b.py $(BENCH_ARGS)"; \
+		HF_HUB_OFFLINE=1 $(BIN)/python bench/$$b.py $(BENCH_ARGS) || exit 1; \
+	done
+	$(BIN)/python bench/summary.py --readme
 
 # Validates the deployment files without a Docker engine: compose syntax (Debian's docker-compose 1.29,
 # with and without the GPU override; a missing admin key must be refused), hadolint on both Dockerfiles,

@@ -44,9 +44,15 @@ def chat_ids(runner: ModelRunner, question: str) -> list[int]:
 
 
 def hardware_line(runner: ModelRunner) -> str:
+    device = torch.device(runner.device)
+    where = (
+        f"GPU {torch.cuda.get_device_name(device)}"
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} CPU threads"
+    )
     return (
         f"- model: {runner.name} ({runner.dtype}, {runner.device}); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads; {platform.machine()}, {os.cpu_count()} cores"
+        f"{where}; {platform.machine()}, {os.cpu_count()} cores"
     )
 
 

@@ -26,8 +26,9 @@ numerics can also do it).
 Goals per scenario: 0 errors, 0 version violations; swap latency p99 <= baseline request p99 + 100 ms on
 the uploading replica (the new version's first request reads the artifact and computes its KV prefix),
 <= baseline p99 + 1 s (the default store poll interval, the bound without pub/sub) on the other replica.
---threads N sets OMP_NUM_THREADS=N for the servers: on a CPU shared with other jobs use --threads 1, as
-oversubscribed OpenMP threads can slow decoding down by 10x or more (spinning at barriers).
+--threads N sets OMP_NUM_THREADS=N for the servers (default 1: several servers and the load clients share
+the CPU, and oversubscribed OpenMP threads can slow decoding down by 10x or more, spinning at barriers;
+--threads 0 leaves torch's default).
 Writes bench/results/hot_swap.md, .json and a latency CDF bench/results/hot_swap.png.
 """
 
@@ -197,6 +198,7 @@ def main() -> None:
         default="disk,redis,redis2",
         help="comma list of disk, redis, redis2 (default: all three)",
     )
+    parser.set_defaults(threads=1)
     args = parser.parse_args()
     t0 = time.monotonic()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
