@@ -89,6 +89,8 @@ class ServingCache:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # called from the watch thread with a task id when another writer replaced a task in use here
+        self.on_new_version: Callable[[str], object] | None = None
 
     # ---- counters ----------------------------------------------------------------------------------------
 
@@ -210,12 +212,13 @@ class ServingCache:
 
     # ---- change events -----------------------------------------------------------------------------------
 
-    def apply(self, event: ChangeEvent) -> None:
+    def apply(self, event: ChangeEvent) -> bool:
         """Move the memoised current version of a task; unpinned entries of other versions are dropped.
 
         An event older than the memo is either stale (a poll read just before a newer put, or this
         replica's own upload reported after another replica's) or a delete + re-create whose delete
-        was missed; the store decides which.
+        was missed; the store decides which. Returns whether a resident older version was replaced (the
+        task is in use: worth loading the new version ahead of its first request).
         """
         with self._lock:
             ref = self._current.get(event.task_id)
@@ -225,16 +228,19 @@ class ServingCache:
         if not in_order:
             confirmed = self._confirm(event.task_id)
             if confirmed is None:
-                return  # the store cannot tell right now: keep the memo
+                return False  # the store cannot tell right now: keep the memo
             with self._lock:
                 if self._current.get(event.task_id) != ref:
-                    return  # moved meanwhile by a newer event: it wins
+                    return False  # moved meanwhile by a newer event: it wins
                 self._set_memo(confirmed)
             event = confirmed
+        replaced = False
         resident = self._lru.keys()  # a snapshot list
         for key in resident:
             if key[0] == event.task_id and key[1] != event.version:
+                replaced = True
                 self._lru.pop(key)  # no-op for pinned entries; they go after their last release
+        return replaced and event.version != 0
 
     def _set_memo(self, event: ChangeEvent) -> None:
         """Record an event in the memo (caller holds the lock)."""
@@ -286,12 +292,20 @@ class ServingCache:
         while not stop.is_set():
             try:
                 for event in self.store.watch(stop, poll_interval):
-                    self.apply(event)
+                    if self.apply(event) and self.on_new_version is not None:
+                        self._notify(event.task_id)
             except StoreError as exc:
                 log.warning("store watch failed, retrying: %s", exc)
             except Exception:
                 log.exception("store watch crashed, retrying")
             stop.wait(poll_interval)
+
+    def _notify(self, task_id: str) -> None:
+        assert self.on_new_version is not None
+        try:
+            self.on_new_version(task_id)
+        except Exception:
+            log.exception("on_new_version(%r) failed", task_id)
 
     def __enter__(self) -> ServingCache:
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +21,7 @@ from server.model_runner import ModelRunner, load_model
 from server.routes import generate, health, openai, tasks
 from server.settings import Settings, get_settings, redact_store
 from server.state import ServerState
+from server.warmup import warm_task
 
 log = logging.getLogger("softserve")
 
@@ -40,6 +42,7 @@ def build_state(
         prefix_cache_bytes=settings.prefix_cache_bytes,
     )
     engine.start()
+    cache.on_new_version = partial(warm_task, cache, engine)  # another replica replaced a task in use here
     if settings.admin_key is None:
         log.warning(
             "SOFTSERVE_ADMIN_KEY is not set: task uploads and deletes need no key (keep it on localhost)"

@@ -85,6 +85,8 @@ class Engine:
         self._abort = False
         self._bare = bare_prefix(runner)
         self._admitting: list[_Row] = []  # rows between their prefill and the merge into the batch
+        self._taken = 0  # requests taken from the queue whose admission is under way
+        self._warm: list[tuple[TaskPrompt, Callable[[bool], None]]] = []  # prefixes to build ahead
         # metrics
         self.tokens_generated = 0
         self.steps = 0
@@ -152,8 +154,10 @@ class Engine:
         return req
 
     def _queue_room(self) -> int:
-        """Waiting requests allowed: the queue limit plus the batch slots free at the next step."""
-        return self.max_queue + max(0, self.max_batch_size - len(self._rows))
+        """Waiting requests allowed: the queue limit plus the batch slots free at the next step (rows that
+        finished this step but are not compacted yet and rows being prefilled do not hold a slot / do)."""
+        live = sum(not r.finished for r in self._rows) + self._taken
+        return self.max_queue + max(0, self.max_batch_size - live)
 
     def _drop_abandoned(self, now: float) -> list[tuple[_Pending, str]]:
         """Cancelled and past-deadline waiting requests leave the queue now (caller holds the lock), so a
@@ -191,6 +195,27 @@ class Engine:
                     return True
         return False
 
+    def warm(self, task: TaskPrompt, done: Callable[[bool], None]) -> None:
+        """Build the task's device prefix at the start of the next step, before a request needs it.
+
+        A new version's first request then costs what a warm one does. `done(ok)` runs on the engine thread.
+        """
+        with self._cv:
+            if self._accepting:
+                self._warm.append((task, done))
+                self._cv.notify_all()
+                return
+        done(False)
+
+    def _build_warm_prefixes(self) -> None:
+        with self._cv:
+            jobs, self._warm = self._warm, []
+        if not jobs:
+            return
+        ok = bool(self._prefixes([t for t, _ in jobs]))
+        for _, done in jobs:
+            done(ok)
+
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
         recent = [(t, n) for t, n in list(self._recent) if now - t <= 10.0]
@@ -224,7 +249,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._rows and not self._stopping:
+                while not self._waiting and not self._rows and not self._warm and not self._stopping:
                     self._cv.wait()
                 if self._abort or (self._stopping and not self._waiting and not self._rows):
                     break
@@ -241,9 +266,13 @@ class Engine:
         now = time.monotonic()
         before = self.tokens_generated
         self._retire(now)
+        self._build_warm_prefixes()
         admitted = self._take_waiting(now)
-        if admitted:
-            self._admit(admitted)
+        try:
+            if admitted:
+                self._admit(admitted)
+        finally:
+            self._taken = 0
         if self._rows and self._state is not None:
             self._decode()
         self.steps += 1
@@ -256,6 +285,7 @@ class Engine:
             dropped = self._drop_abandoned(now)
             free = max(0, self.max_batch_size - len(self._rows))
             taken = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self._taken = len(taken)
         for p, reason in dropped:
             self._send(p, TokenEvent(None, "", finish_reason=reason))
         return taken
@@ -430,6 +460,9 @@ class Engine:
     def _finish_everything(self, reason: str) -> None:
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()
+            warm, self._warm = self._warm, []
+        for _, done in warm:
+            done(False)
         for p in waiting:
             self._send(p, TokenEvent(None, "", finish_reason=reason))
         for row in self._rows:

@@ -19,6 +19,7 @@ from server.errors import BadRequest, BodyTooLarge
 from server.gist import compress
 from server.schemas import ERROR_RESPONSES, CompressRequest, TaskList, TaskResponse
 from server.state import ServerState
+from server.warmup import warm_task
 
 
 class TaskPathConvertor(Convertor[str]):
@@ -35,6 +36,8 @@ class TaskPathConvertor(Convertor[str]):
 
 
 register_url_convertor("taskpath", TaskPathConvertor())
+
+WARM_WAIT_S = 5.0  # an upload waits at most this long for the engine to build the new prefix
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], responses=ERROR_RESPONSES)
 
@@ -117,6 +120,8 @@ def store_artifact(state: ServerState, artifact: Artifact) -> TaskInfo:
     version = state.store.put(artifact)
     # This replica switches at once; others follow through the store's watch().
     state.cache.apply(ChangeEvent(task_id=artifact.task_id, version=version, sha256=artifact.sha256))
+    # acknowledged once servable: the new version's first request costs what a warm one does
+    warm_task(state.cache, state.engine, artifact.task_id, wait_s=WARM_WAIT_S)
     state.metrics.uploads.labels(method=artifact.manifest.method).inc()
     return state.store.info(artifact.task_id)
 
