@@ -171,7 +171,9 @@ def main() -> None:
     m = args.virtual_tokens
     factory = TaskFactory(runner, m, args.seed)
     timers = Timers()
-    time_calls(runner, "prefix_kv", "prefix_kv", timers, sync)  # the engine's prefix-cache misses
+    # the engine's prefix-cache misses: one forward each, or one batched forward per admission
+    time_calls(runner, "prefix_kv", "prefix_kv", timers, sync)
+    time_calls(runner, "embedding_prefix_kvs", "prefix_kv", timers, sync)
     elem = torch.empty((), dtype=runner.dtype).element_size()
     prefix_bytes = 2 * runner.num_layers * runner.num_kv_heads * m * runner.head_dim * elem  # one task's KV
     serve_sizes = [to_serving_form(factory.artifact(i)).nbytes() for i in range(len(MIX))]  # one cycle

@@ -26,32 +26,16 @@ from server.model_runner import ModelRunner
 from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefix, device_prefixes
 from server.requests import GenerationRequest, TaskPrompt, TokenEvent
 from server.sampling import TextStream, make_generator, sample_tokens
+from server.waiting import Deliver, Pending, WaitingQueue, leave_reason
 
 log = logging.getLogger("softserve.engine")
-
-Deliver = Callable[[TokenEvent], None]
-
-
-class QueueFull(Exception):
-    """Too many requests are waiting; the caller should retry later."""
-
-
-class EngineStopped(QueueFull):
-    """The engine is stopping or stopped and takes no new requests."""
-
-
-@dataclass
-class _Pending:
-    req: GenerationRequest
-    deliver: Deliver
-    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class _Row:
     """Per-request state while the request is in the running batch."""
 
-    pending: _Pending
+    pending: Pending
     stream: TextStream
     generator: torch.Generator | None
     next_pos: int  # position id the next fed token gets
@@ -75,18 +59,16 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.prefix_cache: ByteLRU[PrefixKey, DevicePrefix] = ByteLRU(prefix_cache_bytes)
-        self._waiting: deque[_Pending] = deque()
-        self._cv = threading.Condition()
+        self._inbox = WaitingQueue(max_queue)
+        self._cv = self._inbox.cv
         self._rows: list[_Row] = []
         self._state: BatchState | None = None
         self._thread: threading.Thread | None = None
-        self._accepting = True
         self._stopping = False
         self._abort = False
         self._bare = bare_prefix(runner)
         self._admitting: list[_Row] = []  # rows between their prefill and the merge into the batch
         self._taken = 0  # requests taken from the queue whose admission is under way
-        self._warm: list[tuple[TaskPrompt, Callable[[bool], None]]] = []  # prefixes to build ahead
         # metrics
         self.tokens_generated = 0
         self.steps = 0
@@ -109,10 +91,9 @@ class Engine:
 
     def stop(self, drain_timeout: float = 0.0) -> None:
         """Stop taking requests, let running ones finish for up to `drain_timeout` s, cancel the rest."""
+        self._inbox.close()
         with self._cv:
-            self._accepting = False
             self._stopping = True
-            self._cv.notify_all()
         thread = self._thread
         if thread is not None:
             thread.join(timeout=max(drain_timeout, 0.0))
@@ -139,34 +120,15 @@ class Engine:
 
     def enqueue(self, req: GenerationRequest, deliver: Deliver) -> GenerationRequest:
         """Queue a request whose events go to `deliver` (called on the engine thread)."""
-        dropped: list[tuple[_Pending, str]] = []
-        with self._cv:
-            if not self._accepting:
-                raise EngineStopped("the engine is shutting down")
-            if len(self._waiting) >= self._queue_room():
-                dropped = self._drop_abandoned(time.monotonic())
-            if len(self._waiting) >= self._queue_room():
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (limit {self.max_queue})")
-            self._waiting.append(_Pending(req, deliver))
-            self._cv.notify_all()
-        for p, reason in dropped:
+        for p, reason in self._inbox.put(Pending(req, deliver), self._queue_room):
             self._send(p, TokenEvent(None, "", finish_reason=reason))
         return req
 
     def _queue_room(self) -> int:
-        """Waiting requests allowed: the queue limit plus the batch slots free at the next step (rows that
-        finished this step but are not compacted yet and rows being prefilled do not hold a slot / do)."""
+        """Waiting requests allowed: the queue limit plus the batch slots free at the next step (a row that
+        finished this step but is not compacted yet frees its slot; a row being admitted holds one)."""
         live = sum(not r.finished for r in self._rows) + self._taken
         return self.max_queue + max(0, self.max_batch_size - live)
-
-    def _drop_abandoned(self, now: float) -> list[tuple[_Pending, str]]:
-        """Cancelled and past-deadline waiting requests leave the queue now (caller holds the lock), so a
-        client that gave up does not hold a slot until the next step."""
-        dropped = [(p, r) for p in self._waiting if (r := _leave_reason(p.req, now)) is not None]
-        if dropped:
-            gone = {id(p) for p, _ in dropped}
-            self._waiting = deque(p for p in self._waiting if id(p) not in gone)
-        return dropped
 
     def generate_sync(self, req: GenerationRequest, timeout: float | None = None) -> list[TokenEvent]:
         """Run one request to the end without asyncio (stepping inline when no engine thread runs)."""
@@ -186,13 +148,12 @@ class Engine:
 
     def cancel(self, request_id: int) -> bool:
         """Cancel a waiting or running request; it leaves at the next step with finish_reason 'cancelled'."""
-        with self._cv:
-            candidates = [p.req for p in self._waiting] + [r.req for r in self._rows]
-            for req in candidates:
-                if req.request_id == request_id:
-                    req.cancelled.set()
+        for req in self._inbox.requests() + [r.req for r in self._rows]:
+            if req.request_id == request_id:
+                req.cancelled.set()
+                with self._cv:
                     self._cv.notify_all()
-                    return True
+                return True
         return False
 
     def warm(self, task: TaskPrompt, done: Callable[[bool], None]) -> None:
@@ -200,16 +161,11 @@ class Engine:
 
         A new version's first request then costs what a warm one does. `done(ok)` runs on the engine thread.
         """
-        with self._cv:
-            if self._accepting:
-                self._warm.append((task, done))
-                self._cv.notify_all()
-                return
-        done(False)
+        if not self._inbox.add_warm((task, done)):
+            done(False)
 
     def _build_warm_prefixes(self) -> None:
-        with self._cv:
-            jobs, self._warm = self._warm, []
+        jobs = self._inbox.take_warm()
         if not jobs:
             return
         ok = bool(self._prefixes([t for t, _ in jobs]))
@@ -222,7 +178,7 @@ class Engine:
         span = now - recent[0][0] if recent else 0.0
         ttft = sorted(self.ttft_samples)
         return {
-            "queue_depth": len(self._waiting),
+            "queue_depth": len(self._inbox),
             "batch_size": len(self._rows),
             "tokens_generated": self.tokens_generated,
             "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0,
@@ -242,16 +198,16 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self._inbox)
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._rows and not self._warm and not self._stopping:
+                while not self._inbox.has_work() and not self._rows and not self._stopping:
                     self._cv.wait()
-                if self._abort or (self._stopping and not self._waiting and not self._rows):
+                if self._abort or (self._stopping and not len(self._inbox) and not self._rows):
                     break
             try:
                 self.step()
@@ -279,13 +235,10 @@ class Engine:
         if self.tokens_generated > before:
             self._recent.append((time.monotonic(), self.tokens_generated - before))
 
-    def _take_waiting(self, now: float) -> list[_Pending]:
+    def _take_waiting(self, now: float) -> list[Pending]:
         """Waiting requests for the free batch slots, oldest first; abandoned ones leave the queue."""
-        with self._cv:
-            dropped = self._drop_abandoned(now)
-            free = max(0, self.max_batch_size - len(self._rows))
-            taken = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-            self._taken = len(taken)
+        taken, dropped = self._inbox.take(self.max_batch_size - len(self._rows), now)
+        self._taken = len(taken)
         for p, reason in dropped:
             self._send(p, TokenEvent(None, "", finish_reason=reason))
         return taken
@@ -293,12 +246,12 @@ class Engine:
     def _retire(self, now: float) -> None:
         """Cancelled and past-deadline rows leave the batch (finish_reason cancelled / timeout)."""
         for row in self._rows:
-            reason = _leave_reason(row.req, now)
+            reason = leave_reason(row.req, now)
             if reason is not None:
                 self._finish(row, TokenEvent(None, "", finish_reason=reason))
         self._compact()
 
-    def _admit(self, admitted: list[_Pending]) -> None:
+    def _admit(self, admitted: list[Pending]) -> None:
         rows: list[_Row] = []
         items: list[PrefillItem] = []
         prefixes = self._prefixes([p.req.task for p in admitted if p.req.task is not None])
@@ -342,7 +295,7 @@ class Engine:
         else:
             self._state.merge(state)
             self._rows = self._rows + rows
-        log.debug("admitted %d; batch %d, waiting %d", len(rows), len(self._rows), len(self._waiting))
+        log.debug("admitted %d; batch %d, waiting %d", len(rows), len(self._rows), len(self._inbox))
 
     def _decode(self) -> None:
         assert self._state is not None
@@ -425,7 +378,7 @@ class Engine:
         )
         self._send(row.pending, event)
 
-    def _send(self, pending: _Pending, event: TokenEvent) -> None:
+    def _send(self, pending: Pending, event: TokenEvent) -> None:
         """Deliver one event; a final event is counted by its finish_reason."""
         if event.finish_reason is not None:
             self.finished[event.finish_reason] = self.finished.get(event.finish_reason, 0) + 1
@@ -458,9 +411,7 @@ class Engine:
         self._rows = [self._rows[i] for i in keep]
 
     def _finish_everything(self, reason: str) -> None:
-        with self._cv:
-            waiting, self._waiting = list(self._waiting), deque()
-            warm, self._warm = self._warm, []
+        waiting, warm = self._inbox.clear()
         for _, done in warm:
             done(False)
         for p in waiting:
@@ -469,11 +420,3 @@ class Engine:
             if not row.finished:
                 self._finish(row, TokenEvent(None, "", finish_reason=reason))
         self._rows, self._state = [], None
-
-
-def _leave_reason(req: GenerationRequest, now: float) -> str | None:
-    if req.cancelled.is_set():
-        return "cancelled"
-    if req.deadline is not None and now >= req.deadline:
-        return "timeout"
-    return None

@@ -12,11 +12,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from prompt_store.cache import Lease
-from server.engine import EngineStopped, QueueFull
 from server.errors import DeadlineExceeded, GenerationFailed, LimitExceeded, NotReady, Overloaded
 from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent
 from server.schemas import DEFAULT_NEW_TOKENS
 from server.state import ServerState
+from server.waiting import EngineStopped, QueueFull
 
 BASE_TASK = "base"
 

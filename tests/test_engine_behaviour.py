@@ -11,10 +11,11 @@ import torch
 from conftest import tiny_llama
 from engine_refs import IdTokenizer, random_ids, random_prompt, request, task
 
-from server.engine import Engine, EngineStopped, QueueFull
+from server.engine import Engine
 from server.model_runner import ModelRunner
 from server.requests import GenerationRequest, TokenEvent
 from server.sampling import TextStream
+from server.waiting import EngineStopped, QueueFull
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_queue_full_and_stopped(runner: ModelRunner) -> None:
     with pytest.raises(QueueFull):
         enqueue(engine, request([9], 1))
     # a waiting request whose client gave up frees its slot at once, not at the next step
-    waiting = [p.req for p in engine._waiting]
+    waiting = engine._inbox.requests()
     waiting[0].cancelled.set()
     late = enqueue(engine, request([10], 1))
     assert first[2][-1].finish_reason == "cancelled" and engine.queue_depth == 2

@@ -11,7 +11,8 @@ from engine_refs import request
 
 from prompt_store import from_bytes
 from prompt_store.backends import DiskStore
-from server.engine import Engine, QueueFull
+from server.engine import Engine
+from server.waiting import QueueFull
 
 
 def resident_versions(state, task_id: str) -> set[int]:  # type: ignore[no-untyped-def]

@@ -71,7 +71,8 @@ def render(
         "- decode = rows / 20th-percentile full-batch step (median step in brackets); end-to-end = tokens / "
         "(first prepare -> last token), median over reps; store / prefix KV / prefill = seconds per run "
         "spent in store reads, prefix-KV conversion and the first engine step (median)",
-        "- hit rates and evictions over the count's reps; RSS and cache bytes after them; RSS after the "
+        "- hit rates and evictions over the count's reps (serving: one lookup per request; prefix: one per "
+        "distinct task per admission step); RSS and cache bytes after them; RSS after the "
         f"bare warm-up: {info['rss_start'] / MiB:.0f} MiB",
         "",
         "| tasks | decode tok/s | end-to-end tok/s | store s | prefix KV s | prefill s | serving hit "
