@@ -22,6 +22,7 @@ import torch
 
 from prompt_store.lru import ByteLRU
 from server.batch_state import BatchState, PrefillItem, decode_one_token, prefill
+from server.memory import MemoryTrimmer
 from server.model_runner import ModelRunner
 from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefix, device_prefixes
 from server.requests import GenerationRequest, TaskPrompt, TokenEvent
@@ -59,6 +60,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.prefix_cache: ByteLRU[PrefixKey, DevicePrefix] = ByteLRU(prefix_cache_bytes)
+        self.memory = MemoryTrimmer()  # evicted prefixes' host memory goes back to the OS
         self._inbox = WaitingQueue(max_queue)
         self._cv = self._inbox.cv
         self._rows: list[_Row] = []
@@ -232,6 +234,7 @@ class Engine:
         if self._rows and self._state is not None:
             self._decode()
         self.steps += 1
+        self.memory.after_evictions(self.prefix_cache.evictions)
         if self.tokens_generated > before:
             self._recent.append((time.monotonic(), self.tokens_generated - before))
 
