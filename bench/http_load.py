@@ -159,7 +159,11 @@ async def run_level(
     url: str, headers: dict[str, str], targets: list[str], concurrency: int, args: argparse.Namespace
 ) -> Level:
     level = Level(concurrency, args.duration)
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    # idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them from its side (with
+    # both at 5 s a request sent on a connection the server is closing fails with ReadError)
+    limits = httpx.Limits(
+        max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8, keepalive_expiry=2.0
+    )
     timeout = httpx.Timeout(args.request_timeout, connect=30)
     counter = iter(range(10**9))
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout) as client:
