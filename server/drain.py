@@ -59,9 +59,9 @@ class DrainingServer(uvicorn.Server):
     def _drain_then_exit(self, sig: int) -> None:
         engine = self.app.state.softserve.engine
         deadline = time.monotonic() + self.drain_timeout
-        while time.monotonic() < deadline and (engine.active or engine.queue_depth):
+        while time.monotonic() < deadline and any(engine.load()):  # running (incl. admitting) or waiting
             time.sleep(POLL_S)
-        busy = engine.active + engine.queue_depth
+        busy = sum(engine.load())
         if busy:
             log.warning("drain timeout: %d requests still running are cancelled", busy)
         else:

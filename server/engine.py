@@ -181,7 +181,7 @@ class Engine:
         ttft = sorted(self.ttft_samples)
         return {
             "queue_depth": len(self._inbox),
-            "batch_size": len(self._rows),
+            "batch_size": self.active,
             "tokens_generated": self.tokens_generated,
             "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0,
             "steps": self.steps,
@@ -196,7 +196,14 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self._rows)
+        """Rows running (a row that finished during the current step no longer counts)."""
+        return sum(not r.finished for r in self._rows)
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) read together: running includes requests being admitted, so a request is
+        always in exactly one of them from enqueue to its final event."""
+        with self._cv:
+            return self.active + self._taken, len(self._inbox)
 
     @property
     def queue_depth(self) -> int:
@@ -240,8 +247,9 @@ class Engine:
 
     def _take_waiting(self, now: float) -> list[Pending]:
         """Waiting requests for the free batch slots, oldest first; abandoned ones leave the queue."""
-        taken, dropped = self._inbox.take(self.max_batch_size - len(self._rows), now)
-        self._taken = len(taken)
+        with self._cv:  # (re-entrant) so that load() and the queue room never miss the taken ones
+            taken, dropped = self._inbox.take(self.max_batch_size - len(self._rows), now)
+            self._taken = len(taken)
         for p, reason in dropped:
             self._send(p, TokenEvent(None, "", finish_reason=reason))
         return taken
@@ -293,11 +301,11 @@ class Engine:
         if len(keep) < len(rows):
             state.select(keep)
         rows = [rows[i] for i in keep]
-        if self._state is None:
-            self._state, self._rows = state, rows
-        else:
+        if self._state is not None:
             self._state.merge(state)
-            self._rows = self._rows + rows
+        with self._cv:  # rows and the admission count change together, as load() reads them
+            self._state, self._rows = (state if self._state is None else self._state), self._rows + rows
+            self._taken = 0
         log.debug("admitted %d; batch %d, waiting %d", len(rows), len(self._rows), len(self._inbox))
 
     def _decode(self) -> None:

@@ -288,3 +288,21 @@ def test_decode_and_delivery_failures_end_only_their_row(
     assert failing[-1].finish_reason == "error" and tokens_of(failing) == plain[:1]
     assert deaf.cancelled.is_set()
     assert other[-1].finish_reason == "length" and len(tokens_of(other)) == 6
+
+
+def test_load_counts_a_request_from_enqueue_to_its_final_event(runner: ModelRunner) -> None:
+    """The SIGTERM drain waits on load(): a request whose first token is out but which is not merged into
+    the batch yet (it is delivered during admission) must still count as running."""
+    engine = Engine(runner)
+    seen: list[tuple[int, int]] = []
+
+    def deliver(event: TokenEvent) -> None:
+        if event.finish_reason is None:
+            seen.append(engine.load())
+
+    engine.enqueue(request([1, 2, 3], 3), deliver)
+    assert engine.load() == (0, 1)
+    engine.step()  # admission delivers token 1, then one decode step delivers token 2
+    assert seen == [(1, 0), (1, 0)]
+    engine.step()
+    assert engine.load() == (0, 0)

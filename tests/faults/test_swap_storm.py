@@ -50,7 +50,7 @@ def test_thousand_requests_during_fifty_swaps(tmp_path: Path) -> None:
 
         def monitor() -> None:
             while not stop.is_set():
-                active, waiting = engine.active, engine.queue_depth
+                active, waiting = engine.load()  # read together, under the engine's queue lock
                 peak["active"] = max(peak["active"], active)
                 peak["total"] = max(peak["total"], active + waiting)
                 time.sleep(0.002)
