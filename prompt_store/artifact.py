@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from prompt_store import strict_json
 from prompt_store.errors import ArtifactFormatError, TooLarge
 from prompt_store.fileio import atomic_write
 from prompt_store.task_id import validate_task_id
@@ -78,8 +79,16 @@ def with_version(artifact: Artifact, version: int) -> Artifact:
     )
 
 
+def manifest_json(manifest: Manifest) -> str:
+    """The one stored form of a manifest (compact, non-ASCII kept): what is stored is what gets validated."""
+    try:
+        return strict_json.dumps(manifest.to_dict())
+    except (TypeError, ValueError) as exc:
+        raise ArtifactFormatError(f"manifest cannot be stored as JSON: {exc}", field="manifest") from exc
+
+
 def to_bytes(artifact: Artifact) -> bytes:
-    meta = {METADATA_KEY: json.dumps(artifact.manifest.to_dict(), sort_keys=True)}
+    meta = {METADATA_KEY: manifest_json(artifact.manifest)}
     return bytes(st_save(artifact.tensors, metadata=meta))
 
 
@@ -105,7 +114,7 @@ def read_header(data: bytes, limits: Limits) -> dict[str, Any]:
         raise ArtifactFormatError("not a safetensors file: header is not a JSON object", field="file")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5,000-digit integer
         # RecursionError: a deeply nested header (`{"a":[[[[...`) fits in the byte limit but not the stack.
         raise ArtifactFormatError(
             f"not a safetensors file: header is not valid JSON ({exc})", field="file"
@@ -156,39 +165,65 @@ def check_tensor_table(header: dict[str, Any], data_len: int, limits: Limits) ->
             raise ArtifactFormatError(f"tensors {prev!r} and {name!r} overlap in the file", field=name)
 
 
+def _int_field(d: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ArtifactFormatError(
+            f"manifest.{key} must be a non-negative integer, got {strict_json.shown(repr(value))}", field=key
+        )
+    return value
+
+
+def _str_field(d: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = d.get(key, default)
+    if not isinstance(value, str):
+        raise ArtifactFormatError(
+            f"manifest.{key} must be a string, got {strict_json.shown(repr(value))}", field=key
+        )
+    return value
+
+
 def parse_manifest(meta: dict[str, Any], limits: Limits) -> Manifest:
+    """The manifest in safetensors metadata, strictly: finite numbers, 64-bit integers, valid Unicode."""
     raw = meta.get(METADATA_KEY)
     if not isinstance(raw, str):
         raise ArtifactFormatError(f"safetensors metadata has no {METADATA_KEY!r} manifest", field="manifest")
     if len(raw) > limits.max_manifest_chars:
-        raise TooLarge(f"manifest is {len(raw)} characters; the limit is {limits.max_manifest_chars}")
-    try:
-        d = json.loads(raw)
-        if not isinstance(d, dict):
-            raise ArtifactFormatError("manifest must be a JSON object", field="manifest")
-        if int(d["format_version"]) != FORMAT_VERSION:
-            raise ArtifactFormatError(
-                f"format_version {d['format_version']} is not supported (this build reads {FORMAT_VERSION})",
-                field="format_version",
-            )
-        if not isinstance(d["base_model"], dict):
-            raise ArtifactFormatError("manifest.base_model must be an object", field="base_model")
-        if not isinstance(d["method_config"], dict):
-            raise ArtifactFormatError("manifest.method_config must be an object", field="method_config")
-        return Manifest(
-            task_id=validate_task_id(d["task_id"]),
-            method=str(d["method"]),
-            method_config=d["method_config"],
-            base_model=Fingerprint.from_dict(d["base_model"]),
-            dtype=str(d["dtype"]),
-            sha256=str(d["sha256"]),
-            version=int(d.get("version", 0)),
-            created_at=str(d.get("created_at", "")),
-            notes=str(d.get("notes", "")),
-            format_version=FORMAT_VERSION,
+        raise TooLarge(
+            f"manifest is {len(raw)} characters; the limit is {limits.max_manifest_chars}", field="manifest"
         )
-    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+    try:
+        d = strict_json.loads(raw)
+    except (ValueError, RecursionError) as exc:
         raise ArtifactFormatError(f"manifest is malformed: {exc!s}", field="manifest") from exc
+    if not isinstance(d, dict):
+        raise ArtifactFormatError("manifest must be a JSON object", field="manifest")
+    for key in ("task_id", "method", "method_config", "base_model", "dtype", "sha256", "format_version"):
+        if key not in d:
+            raise ArtifactFormatError(f"manifest is malformed: it has no {key!r}", field=key)
+    format_version = d["format_version"]
+    if type(format_version) is not int or format_version != FORMAT_VERSION:
+        raise ArtifactFormatError(
+            f"format_version {strict_json.shown(repr(format_version))} is not supported "
+            f"(this build reads {FORMAT_VERSION})",
+            field="format_version",
+        )
+    if not isinstance(d["base_model"], dict):
+        raise ArtifactFormatError("manifest.base_model must be an object", field="base_model")
+    if not isinstance(d["method_config"], dict):
+        raise ArtifactFormatError("manifest.method_config must be an object", field="method_config")
+    return Manifest(
+        task_id=validate_task_id(d["task_id"]),
+        method=_str_field(d, "method"),
+        method_config=d["method_config"],
+        base_model=Fingerprint.from_dict(d["base_model"]),
+        dtype=_str_field(d, "dtype"),
+        sha256=_str_field(d, "sha256"),
+        version=_int_field(d, "version", 0),
+        created_at=_str_field(d, "created_at", ""),
+        notes=_str_field(d, "notes", ""),
+        format_version=FORMAT_VERSION,
+    )
 
 
 def from_bytes(data: bytes, limits: Limits | None = None) -> Artifact:

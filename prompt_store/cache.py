@@ -134,6 +134,10 @@ class ServingCache:
         """Resident entries, least recently used first."""
         return self._lru.keys()
 
+    def pinned_versions(self, task_id: str) -> set[int]:
+        """Versions of a task that a lease holds here (a running request): retention must keep them."""
+        return {key[1] for key in self._lru.pinned() if key[0] == task_id}
+
     def current(self, task_id: str) -> int | None:
         """The memoised current version of a task (None when not known yet)."""
         with self._lock:

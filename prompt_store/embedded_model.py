@@ -86,7 +86,7 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
     """A safetensors folder of SmolLM2-135M-Instruct, converted from the bundled GGUF on first use."""
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not (target / COMPLETE_MARKER).is_file():
-        log.info("converting the bundled %s GGUF to %s (once, ~20 s)", DEFAULT_MODEL_NAME, target)
+        log.info("converting the bundled %s GGUF to %s (once, ~25 s)", DEFAULT_MODEL_NAME, target)
         t0 = time.monotonic()
         _convert_gguf(target)
         log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - t0)

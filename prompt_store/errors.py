@@ -46,3 +46,9 @@ class StoreUnavailable(StoreError):
     """The backend (e.g. Redis) cannot be reached right now; retry later."""
 
     reason = "store_unavailable"
+
+
+class StoreFull(StoreError):
+    """Out of space (a full disk, or Redis at maxmemory with noeviction); nothing was written."""
+
+    reason = "store_full"

@@ -34,6 +34,7 @@ class ByteLRU(Generic[K, V]):
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.inserts = 0  # new entries put (a value built on a miss)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -61,6 +62,7 @@ class ByteLRU(Generic[K, V]):
                 entry = _Entry(value, nbytes)
                 self._items[key] = entry
                 self.bytes += nbytes
+                self.inserts += 1
             self._items.move_to_end(key)
             if pin:
                 entry.pins += 1
@@ -85,6 +87,11 @@ class ByteLRU(Generic[K, V]):
     def keys(self) -> list[K]:
         with self._lock:
             return list(self._items)
+
+    def pinned(self) -> list[K]:
+        """Keys with at least one reader holding them."""
+        with self._lock:
+            return [key for key, entry in self._items.items() if entry.pins]
 
     def _evict(self, keep: K | None) -> None:
         if self.bytes <= self.max_bytes:

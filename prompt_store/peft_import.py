@@ -16,7 +16,6 @@ PEFT saves one tensor, `prompt_embeddings`:
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
+from prompt_store import strict_json
 from prompt_store.artifact import check_tensor_table, make_artifact, read_header
 from prompt_store.errors import ArtifactFormatError, TooLarge, UnsupportedAdapter, ValidationError
 from prompt_store.methods.base import require_virtual_tokens
@@ -106,8 +106,8 @@ def parse_adapter_config(data: bytes) -> dict[str, Any]:
             f"{CONFIG_NAME} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}", field=CONFIG_NAME
         )
     try:
-        config = json.loads(data)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        config = strict_json.loads(data)  # no NaN/Infinity, no lone surrogates: they would reach the manifest
+    except (ValueError, RecursionError) as exc:
         raise ArtifactFormatError(f"{CONFIG_NAME} is not valid JSON: {exc}", field=CONFIG_NAME) from exc
     if not isinstance(config, dict):
         raise ArtifactFormatError(f"{CONFIG_NAME} must be a JSON object", field=CONFIG_NAME)

@@ -48,18 +48,34 @@ class Fingerprint:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fingerprint:
-        try:
-            return cls(
-                name=str(data.get("name", "")),
-                hidden_size=int(data["hidden_size"]),
-                num_layers=int(data["num_layers"]),
-                num_kv_heads=int(data["num_kv_heads"]),
-                head_dim=int(data["head_dim"]),
-                vocab_size=int(data["vocab_size"]),
-                embedding_hash=str(data.get("embedding_hash", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactFormatError(f"manifest.base_model is incomplete or malformed: {exc}") from exc
+        """Strict: sizes are non-negative integers (never floats, bools or strings), names are strings."""
+        ints: dict[str, int] = {}
+        for key in ("hidden_size", "num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+                raise ArtifactFormatError(
+                    f"manifest.base_model.{key} must be a non-negative integer, got {repr(value)[:40]}",
+                    field=f"base_model.{key}",
+                )
+            ints[key] = value
+        texts: dict[str, str] = {}
+        for key in ("name", "embedding_hash"):
+            value = data.get(key, "")
+            if not isinstance(value, str):
+                raise ArtifactFormatError(
+                    f"manifest.base_model.{key} must be a string, got {repr(value)[:40]}",
+                    field=f"base_model.{key}",
+                )
+            texts[key] = value
+        return cls(
+            name=texts["name"],
+            hidden_size=ints["hidden_size"],
+            num_layers=ints["num_layers"],
+            num_kv_heads=ints["num_kv_heads"],
+            head_dim=ints["head_dim"],
+            vocab_size=ints["vocab_size"],
+            embedding_hash=texts["embedding_hash"],
+        )
 
     @classmethod
     def from_model(cls, model: Any, name: str) -> Fingerprint:

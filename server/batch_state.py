@@ -4,11 +4,16 @@ Layout of one row (columns of the cache, left to right):
     [pad ...][KV prefix (m)][pad ...][prompt tokens (n)][generated tokens ...]
 The attention mask is 1 exactly on the prefix, prompt and generated columns; position ids are explicit per row
 (the prompt continues at the prefix's `next_position`), so padding never shifts a row's positions.
+
+A failed forward shared by several rows is retried once for each row alone (`prefill_rows`, `decode_rows`),
+so a failure that belongs to one row (its input, or memory for the whole batch) is attributed to it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +75,18 @@ class BatchState:
             self.cache.layers[i] = SlackLayer.right_aligned([kept_k], [kept_v], self.length)
         self.mask = self.mask.index_select(0, idx)  # [B', T]
         self.positions = self.positions.index_select(0, idx)  # [B']
+
+    def row(self, i: int, model_config: Any) -> BatchState:
+        """A copy of row i alone, as of the last completed step: the first `length` live columns of every
+        layer (a forward that failed midway may have appended a column to some layers; it is left out)."""
+        t = self.length
+        layers = [
+            SlackLayer.right_aligned([k[i : i + 1, :, :t]], [v[i : i + 1, :, :t]], t)  # [1, Hkv, T, Dh] each
+            for k, v in self.layers()
+        ]
+        mask = self.mask[i : i + 1].clone()  # [1, T]
+        positions = self.positions[i : i + 1].clone()  # [1]
+        return BatchState(slack_cache(model_config, layers), mask, positions)
 
     def trim(self) -> None:
         """Drop leading columns that are padding in every row (a view change, no copy)."""
@@ -148,3 +165,70 @@ def decode_one_token(runner: ModelRunner, state: BatchState, tokens: list[int]) 
     state.mask = mask
     state.positions = state.positions + 1  # [B]
     return logits
+
+
+@dataclass
+class Forward:
+    """A forward over some rows, every failure attributed: the rows that ran (`ran`, indices into the input
+    rows, in order) with their state and last logits [len(ran), V], and the rows whose forward failed."""
+
+    state: BatchState | None
+    logits: torch.Tensor | None  # [len(ran), V]
+    ran: list[int]
+    failed: dict[int, Exception]  # row index -> the failure of its own forward
+    shared_error: Exception | None = None  # the failed forward of all rows together, if any
+
+    @property
+    def errors(self) -> int:
+        """Forwards that failed (the shared one and each row's own)."""
+        return len(self.failed) + (self.shared_error is not None)
+
+
+def prefill_rows(runner: ModelRunner, items: list[PrefillItem]) -> Forward:
+    """New rows in one forward; if it fails and there are several, each row is prefilled alone once."""
+    try:
+        state, logits = prefill(runner, items)  # logits [G, V]
+        return Forward(state, logits, list(range(len(items))), {})
+    except Exception as exc:
+        if len(items) == 1:
+            return Forward(None, None, [], {0: exc})
+        return _each_alone(len(items), lambda i: prefill(runner, [items[i]]), exc)
+
+
+def decode_rows(runner: ModelRunner, state: BatchState, tokens: list[int]) -> Forward:
+    """One decode step of every row; if the shared forward fails, each row decodes once alone from its own
+    copy of the cache as of the last completed step (the failed forward may have written some layers)."""
+    try:
+        logits = decode_one_token(runner, state, tokens)  # [B, V]
+        return Forward(state, logits, list(range(len(tokens))), {})
+    except Exception as exc:
+        if len(tokens) == 1:
+            return Forward(None, None, [], {0: exc})
+        shared = exc
+
+    def alone(i: int) -> tuple[BatchState, torch.Tensor]:
+        single = state.row(i, runner.model.config)
+        return single, decode_one_token(runner, single, [tokens[i]])  # [1, V]
+
+    return _each_alone(len(tokens), alone, shared)
+
+
+def _each_alone(n: int, run: Callable[[int], tuple[BatchState, torch.Tensor]], shared: Exception) -> Forward:
+    """Rows 0..n-1 each in a forward of its own; the ones that ran merged into one state, in order."""
+    merged: BatchState | None = None
+    ran: list[int] = []
+    logits: list[torch.Tensor] = []
+    failed: dict[int, Exception] = {}
+    for i in range(n):
+        try:
+            state, out = run(i)  # out [1, V]
+        except Exception as exc:
+            failed[i] = exc
+            continue
+        if merged is None:
+            merged = state
+        else:
+            merged.merge(state)
+        ran.append(i)
+        logits.append(out)
+    return Forward(merged, torch.cat(logits) if logits else None, ran, failed, shared)  # logits [B', V]

@@ -33,6 +33,7 @@ def uvicorn_config(
         host=host,
         port=port,
         log_level=log_level.lower(),
+        log_config=None,  # uvicorn's lines (access lines too) go to the app's handler, with the request id
         timeout_graceful_shutdown=int(drain_timeout) + 5,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )

@@ -3,7 +3,13 @@
 Every step: finished, cancelled and timed-out rows leave; waiting requests are prefilled together (KV prefix
 + prompt, left-padded among themselves) and merged into the running batch; then every row decodes one token.
 Each row keeps its own KV prefix, positions (the prompt continues at the prefix's `next_position`), optional
-ACCEPT delta and sampling params. An exception fails only the requests of the forward it happened in.
+ACCEPT delta and sampling params.
+
+Failures stay with their request: checks that could fail a shared forward (prompt ids, context, the task's
+prefix) run per row before the prefill; sampling, stop strings and text decoding are per row (a row that
+fails there ends with an error, the others carry on). Only the shared forward can fail several rows at once,
+and then each of them is run once alone (prefilled alone, or decoded alone from its own copy of the cache)
+before any of them gets an error; a forward that fails alone fails its one row.
 """
 
 from __future__ import annotations
@@ -21,12 +27,12 @@ from typing import Any
 import torch
 
 from prompt_store.lru import ByteLRU
-from server.batch_state import BatchState, PrefillItem, decode_one_token, prefill
+from server.batch_state import BatchState, Forward, PrefillItem, decode_rows, prefill_rows
 from server.memory import MemoryTrimmer
 from server.model_runner import ModelRunner
 from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefix, device_prefixes
 from server.requests import GenerationRequest, TaskPrompt, TokenEvent
-from server.sampling import TextStream, make_generator, sample_tokens
+from server.sampling import RowSampler, Sampled, TextStream, sample_batch
 from server.waiting import Deliver, Pending, WaitingQueue, leave_reason
 
 log = logging.getLogger("softserve.engine")
@@ -38,7 +44,7 @@ class _Row:
 
     pending: Pending
     stream: TextStream
-    generator: torch.Generator | None
+    sampler: RowSampler  # params, generator, penalty counts
     next_pos: int  # position id the next fed token gets
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
@@ -71,6 +77,7 @@ class Engine:
         self._bare = bare_prefix(runner)
         self._admitting: list[_Row] = []  # rows between their prefill and the merge into the batch
         self._taken = 0  # requests taken from the queue whose admission is under way
+        self._admission: list[Pending] = []  # those requests (cancel() finds them before they are merged)
         # metrics
         self.tokens_generated = 0
         self.steps = 0
@@ -149,8 +156,9 @@ class Engine:
         return events
 
     def cancel(self, request_id: int) -> bool:
-        """Cancel a waiting or running request; it leaves at the next step with finish_reason 'cancelled'."""
-        for req in self._inbox.requests() + [r.req for r in self._rows]:
+        """Cancel a waiting, admitted or running request; it leaves at the next step ('cancelled')."""
+        admission = [p.req for p in self._admission]
+        for req in self._inbox.requests() + admission + [r.req for r in self._rows]:
             if req.request_id == request_id:
                 req.cancelled.set()
                 with self._cv:
@@ -237,7 +245,7 @@ class Engine:
             if admitted:
                 self._admit(admitted)
         finally:
-            self._taken = 0
+            self._taken, self._admission = 0, []
         if self._rows and self._state is not None:
             self._decode()
         self.steps += 1
@@ -249,7 +257,9 @@ class Engine:
         """Waiting requests for the free batch slots, oldest first; abandoned ones leave the queue."""
         with self._cv:  # (re-entrant) so that load() and the queue room never miss the taken ones
             taken, dropped = self._inbox.take(self.max_batch_size - len(self._rows), now)
-            self._taken = len(taken)
+            self._taken, self._admission = len(taken), taken
+        for p in taken:
+            p.req.admitted_at = now  # its queue wait ends here (softserve_queue_wait_seconds)
         for p, reason in dropped:
             self._send(p, TokenEvent(None, "", finish_reason=reason))
         return taken
@@ -269,38 +279,33 @@ class Engine:
         for p in admitted:
             try:
                 item = self._prefill_item(p.req, prefixes)
+                stream = TextStream(self.runner.decode, p.req.params.stop)
+                sampler = RowSampler.create(
+                    p.req.params, self.runner.device, self.runner.fingerprint.vocab_size
+                )
             except Exception as exc:
-                log.warning("request %d rejected before prefill: %s", p.req.request_id, type(exc).__name__)
+                log.warning(
+                    "request %d rejected before prefill: %s",
+                    p.req.request_id,
+                    type(exc).__name__,
+                    extra=p.req.log_extra,
+                )
                 self._send(p, TokenEvent(None, "", finish_reason="error", error=str(exc)[:300]))
                 continue
             if p.req.params.max_new_tokens <= 0:
                 self._send(p, TokenEvent(None, "", finish_reason="length"))
                 continue
-            stream = TextStream(self.runner.decode, p.req.params.stop)
-            gen = make_generator(p.req.params, self.runner.device)
-            rows.append(_Row(p, stream, gen, next_pos=item.next_position + len(item.ids)))
+            rows.append(_Row(p, stream, sampler, next_pos=item.next_position + len(item.ids)))
             items.append(item)
         if not rows:
             return
         self._admitting = rows
         try:
-            state, logits = prefill(self.runner, items)  # logits [G, V]
-            tokens = sample_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
-        except Exception as exc:
-            self.step_errors += 1
-            log.exception("prefill of %d requests failed", len(rows))
-            self._fail_rows(rows, f"prefill failed: {type(exc).__name__}: {exc}"[:300])
+            state, rows = self._prefill(rows, items)
+        finally:
             self._admitting = []
+        if state is None:
             return
-        for row, token in zip(rows, tokens, strict=True):
-            self._accept_token(row, token)
-        self._admitting = []
-        keep = [i for i, r in enumerate(rows) if not r.finished]
-        if not keep:
-            return
-        if len(keep) < len(rows):
-            state.select(keep)
-        rows = [rows[i] for i in keep]
         if self._state is not None:
             self._state.merge(state)
         with self._cv:  # rows and the admission count change together, as load() reads them
@@ -308,21 +313,58 @@ class Engine:
             self._taken = 0
         log.debug("admitted %d; batch %d, waiting %d", len(rows), len(self._rows), len(self._inbox))
 
+    def _prefill(self, rows: list[_Row], items: list[PrefillItem]) -> tuple[BatchState | None, list[_Row]]:
+        """Prefill `rows` and accept their first tokens; returns the state of the rows still running (None
+        if none is). A failed forward of several rows is retried once for each row alone."""
+        out = prefill_rows(self.runner, items)
+        self._forward_failures("prefill", rows, out)
+        ran = [rows[i] for i in out.ran]
+        if out.state is None or out.logits is None:
+            return None, []
+        self._accept_sampled(ran, out.logits)
+        keep = [i for i, r in enumerate(ran) if not r.finished]
+        if not keep:
+            return None, []
+        if len(keep) < len(ran):
+            out.state.select(keep)
+        return out.state, [ran[i] for i in keep]
+
     def _decode(self) -> None:
+        """One token for every row; after a failed shared forward the batch is rebuilt from the rows that
+        then decoded alone."""
         assert self._state is not None
         rows = self._rows
-        try:
-            logits = decode_one_token(self.runner, self._state, [r.tokens[-1] for r in rows])  # [B, V]
-            tokens = sample_tokens(logits, [r.req.params for r in rows], [r.generator for r in rows])
-        except Exception as exc:
-            self.step_errors += 1
-            log.exception("decode step of %d rows failed", len(rows))
-            self._fail_rows(rows, f"decode failed: {type(exc).__name__}: {exc}"[:300])
-            return
-        for row, token in zip(rows, tokens, strict=True):
-            row.next_pos += 1
-            self._accept_token(row, token)
+        out = decode_rows(self.runner, self._state, [r.tokens[-1] for r in rows])
+        self._forward_failures("decode", rows, out)
+        if out.state is not self._state:
+            with self._cv:  # as load() reads them
+                self._rows, self._state = [rows[i] for i in out.ran], out.state
+        if out.logits is not None:
+            self._accept_sampled(self._rows, out.logits, advance=True)
         self._compact()
+
+    def _forward_failures(self, phase: str, rows: list[_Row], out: Forward) -> None:
+        """Count and log the failed forwards; the rows whose own forward failed end with an error."""
+        self.step_errors += out.errors
+        if out.shared_error is not None:
+            log.error(
+                "%s forward of %d rows failed; running each alone",
+                phase,
+                len(rows),
+                exc_info=out.shared_error,
+            )
+        for i, exc in out.failed.items():
+            req = rows[i].req
+            log.error("%s of request %d failed", phase, req.request_id, exc_info=exc, extra=req.log_extra)
+            error = f"{phase} failed: {type(exc).__name__}: {exc}"[:300]
+            self._finish(rows[i], TokenEvent(None, "", finish_reason="error", error=error))
+
+    def _accept_sampled(self, rows: list[_Row], logits: torch.Tensor, advance: bool = False) -> None:
+        """One token per row sampled from logits [B, V] (a row's sampling error is its own) and accepted."""
+        tokens = sample_batch(logits, [r.sampler for r in rows])
+        for row, token in zip(rows, tokens, strict=True):
+            row.next_pos += advance
+            self._accept_token(row, token)
 
     # ---- per-row bookkeeping -----------------------------------------------------------------------------
 
@@ -354,8 +396,15 @@ class Engine:
             )
         return PrefillItem(prefix.keys, prefix.values, prefix.next_position, ids, prefix.added)
 
-    def _accept_token(self, row: _Row, token: int) -> None:
-        """Turn a sampled token into the row's event (and its end, if it is one)."""
+    def _accept_token(self, row: _Row, sampled: Sampled | Exception) -> None:
+        """Turn a sampled token into the row's event (and its end, if it is one); a sampling error ends it."""
+        if isinstance(sampled, Exception):
+            exc = sampled
+            log.warning("request %d: sampling failed: %s", row.req.request_id, exc, extra=row.req.log_extra)
+            error = f"sampling failed: {type(exc).__name__}: {exc}"[:300]
+            self._finish(row, TokenEvent(None, "", finish_reason="error", error=error))
+            return
+        token = sampled.token
         if not row.tokens:
             self.ttft_samples.append(time.monotonic() - row.pending.submitted)
         row.tokens.append(token)
@@ -372,8 +421,9 @@ class Engine:
             else:
                 event = TokenEvent(token, text)
         except Exception as exc:  # e.g. the tokenizer cannot decode: this row alone fails
-            log.exception("request %d: decoding its text failed", row.req.request_id)
+            log.exception("request %d: decoding its text failed", row.req.request_id, extra=row.req.log_extra)
             event = TokenEvent(None, "", finish_reason="error", error=f"decode failed: {type(exc).__name__}")
+        event = sampled.annotate(event)  # its log-probs, when asked
         if event.finish_reason is not None:
             self._finish(row, event)
         else:
@@ -386,6 +436,7 @@ class Engine:
             row.req.request_id,
             event.finish_reason,
             len(row.tokens),
+            extra=row.req.log_extra,
         )
         self._send(row.pending, event)
 
@@ -396,7 +447,11 @@ class Engine:
         try:
             pending.deliver(event)
         except Exception:  # e.g. the receiving event loop is closed: nobody listens any more
-            log.warning("request %d: event delivery failed; cancelling it", pending.req.request_id)
+            log.warning(
+                "request %d: event delivery failed; cancelling it",
+                pending.req.request_id,
+                extra=pending.req.log_extra,
+            )
             pending.req.cancelled.set()
 
     def _fail_rows(self, rows: list[_Row], message: str) -> None:

@@ -20,6 +20,12 @@ class SamplingParams:
     top_k: int = 0  # 0 -> off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # over the row's generated tokens (server.sampling): 0 / 0 / 1 -> off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None -> off; k -> each token's log-prob and the k most likely
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class TokenEvent:
     text: str
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
     error: str | None = None
+    logprob: float | None = None  # of token_id, when the request asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, log-prob), most likely first
 
 
 @dataclass
@@ -55,6 +63,13 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() value
     request_id: int = field(default_factory=lambda: next(_ids))
     cancelled: threading.Event = field(default_factory=threading.Event)
+    http_request_id: str | None = None  # the X-Request-ID of the HTTP request (server.request_id)
+    admitted_at: float | None = None  # time.monotonic() when the engine took it from the queue
     # filled in by Engine.submit: where the engine thread delivers events
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue[TokenEvent] | None = None
+
+    @property
+    def log_extra(self) -> dict[str, str]:
+        """`extra=` for log lines about this request on other threads: they show its HTTP request id."""
+        return {"request_id": self.http_request_id or "-"}

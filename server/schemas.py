@@ -12,9 +12,22 @@ HARD_MAX_NEW_TOKENS = 8192
 DEFAULT_NEW_TOKENS = 64  # schema bound; the configured cap (SOFTSERVE_MAX_NEW_TOKENS) is checked too
 MAX_PROMPT_CHARS = 1_000_000
 MAX_STOP = 8
+MAX_CHOICES = 16  # n: completions per prompt, one batch row each
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries
 
 TaskIdField = Annotated[str, Field(pattern=TASK_ID_PATTERN, max_length=64, description="task id, or 'base'")]
-StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=MAX_STOP)]
+StopString = Annotated[str, Field(min_length=1, max_length=128)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+BiasValue = Annotated[float, Field(ge=-100.0, le=100.0)]
+TokenKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$", description="a token id, as a string (JSON keys)")]
+LogitBias = Annotated[dict[TokenKey, BiasValue], Field(max_length=MAX_LOGIT_BIAS)]
+
+
+def bias_pairs(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """{"123": -100} -> ((123, -100.0),), sorted by token id."""
+    return tuple(sorted((int(k), float(v)) for k, v in (bias or {}).items()))
 
 
 class ChatMessage(BaseModel):
@@ -36,6 +49,16 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=0, le=100_000, description="0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopList = Field(default_factory=list)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions, one batch row each (seeds derived)")
+    presence_penalty: Penalty = Field(0.0, description="OpenAI's, over the generated tokens")
+    frequency_penalty: Penalty = Field(0.0, description="OpenAI's, over the generated tokens")
+    repetition_penalty: float = Field(
+        1.0, ge=0.01, le=10.0, description="CTRL / Hugging Face's, over the generated tokens; 1 = off"
+    )
+    logit_bias: LogitBias | None = Field(None, description="token id -> added to its logit (-100..100)")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="each token's log-prob and this many alternatives"
+    )
 
 
 class GenerateRequest(SamplingFields):
@@ -62,7 +85,27 @@ class Timings(BaseModel):
     total_ms: float
 
 
+class TopLogprob(BaseModel):
+    token: int
+    text: str
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class GenerateChoice(BaseModel):
+    index: int
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+
 class GenerateResponse(BaseModel):
+    """The first choice's text, tokens and log-probs at the top; with n > 1, every choice in `choices`."""
+
     task_id: str
     task_version: int
     text: str
@@ -70,6 +113,8 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     timings: Timings
+    logprobs: list[TokenLogprob] | None = Field(None, description="when `logprobs` was given")
+    choices: list[GenerateChoice] | None = Field(None, description="when n > 1")
 
 
 class TaskResponse(BaseModel):
@@ -90,34 +135,6 @@ class CompressRequest(BaseModel):
 
 class TaskList(BaseModel):
     tasks: list[TaskResponse]
-
-
-# ---- OpenAI-compatible --------------------------------------------------------------------
-
-
-class OpenAIBase(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: TaskIdField = Field("base", description="task id; 'base' = the bare model")
-    max_tokens: int | None = Field(None, ge=1, le=HARD_MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | StopList | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-
-class CompletionRequest(OpenAIBase):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-
-
-class ChatCompletionRequest(OpenAIBase):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
 
 
 class ErrorDetail(BaseModel):
@@ -152,4 +169,5 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     500: _error("generation failed"),
     503: _error("not ready: store unreachable or draining; retry after Retry-After seconds"),
     504: _error("request deadline exceeded"),
+    507: _error("the store is full (disk space or Redis memory); nothing was written"),
 }

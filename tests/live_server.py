@@ -74,11 +74,14 @@ class ServerProcess:
 
 
 @contextmanager
-def threaded_server(tmp_path: Path, store: Store | None = None, **settings: Any) -> Iterator[tuple[str, Any]]:
-    """uvicorn in a thread on a free loopback port, serving the tiny model; yields (base URL, state)."""
+def threaded_server(
+    tmp_path: Path, store: Store | None = None, runner: Any = None, **settings: Any
+) -> Iterator[tuple[str, Any]]:
+    """uvicorn in a thread on a free loopback port, serving the tiny model (or `runner`); yields (base URL,
+    state)."""
     port = free_port()
     cfg = Settings(store=f"disk:{tmp_path / 'store'}", store_poll_interval=0.2, **settings)
-    app = create_app(cfg, runner=tiny_runner(), store=store or DiskStore(tmp_path / "store"))
+    app = create_app(cfg, runner=runner or tiny_runner(), store=store or DiskStore(tmp_path / "store"))
     config = uvicorn_config(app, "127.0.0.1", port, cfg.drain_timeout_s, "warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)

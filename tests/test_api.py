@@ -148,22 +148,26 @@ def test_hot_swap_next_request_uses_new_version(tmp_path: Path) -> None:
         assert client.post("/generate", json={"task_id": "t1", "prompt": "q"}).status_code == 404
 
 
+GEN_KEY, ADMIN_KEY = "gen-key-0123456789", "admin-key-0123456789"
+
+
 def test_every_protected_route_needs_a_key(tmp_path: Path) -> None:
-    with serving(tmp_path, api_key="gen-key", admin_key="admin-key") as (client, state):
+    with serving(tmp_path, api_key=GEN_KEY, admin_key=ADMIN_KEY) as (client, state):
         public = {"/healthz", "/readyz"}
         checked = 0
-        for route_path, operations in client.get("/openapi.json").json()["paths"].items():
+        spec = client.get("/openapi.json", headers={"Authorization": f"Bearer {GEN_KEY}"}).json()
+        for route_path, operations in spec["paths"].items():
             if route_path in public:
                 continue
             path = route_path.replace("{task_id}", "t1")
             for method in operations:
                 for headers in ({}, {"Authorization": "Bearer wrong"}):
                     assert client.request(method, path, headers=headers).status_code == 401, (method, path)
-                assert client.request(method, path + "?api_key=gen-key").status_code == 401
+                assert client.request(method, path + f"?api_key={GEN_KEY}").status_code == 401
                 checked += 1
         assert checked >= 8
-        admin = {"Authorization": "Bearer admin-key"}
-        gen = {"Authorization": "Bearer gen-key"}
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        gen = {"Authorization": f"Bearer {GEN_KEY}"}
         data = prompt_artifact_bytes("t1", state.runner.fingerprint)
         assert (
             upload(client, "t1", data, headers=gen).status_code == 401

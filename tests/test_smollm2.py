@@ -1,6 +1,6 @@
 """Integration on the real embedded SmolLM2-135M-Instruct: a mixed batch of soft-prompt tasks is exact.
 
-Runs in `make test` (no skip): the first run converts the bundled GGUF once (~20 s) into the model cache.
+Runs in `make test` (no skip): the first run converts the bundled GGUF once (~25 s) into the model cache.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ examples:
       --data training/recipes/sentiment.jsonl --data training/recipes/dates.jsonl
   softserve-train compress --gist-embeddings runs/gist-embeddings-gist/artifact.safetensors \\
       --instruction "Label the review: positive or negative." --task-id sentiment-gist --out gist.safetensors
-  softserve-train push gist.safetensors --server http://127.0.0.1:8000 --api-key KEY
+  softserve-train push gist.safetensors --url http://127.0.0.1:8000 --key KEY
   softserve-train push gist.safetensors --store ~/.softserve/store
 """
 
@@ -21,8 +21,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prompt_store import Artifact, load, make_artifact, save, to_bytes
+from prompt_store import Artifact, StoreError, load, make_artifact, save, to_bytes
 from prompt_store.types import SUPPORTED_DTYPES
+from softserve_client import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    CliError,
+    Connection,
+    TaskClient,
+    add_client_flags,
+    check_url,
+    connection,
+    fail,
+    given_client_flags,
+    pushed_line,
+    report,
+    version,
+    wants_json,
+)
 from training.methods import METHODS
 
 METHOD_OPTIONS = (
@@ -289,18 +305,13 @@ def _push_parser(sub: Any) -> None:
     p = sub.add_parser(
         "push",
         help="upload an artifact to a running server or write it into a store",
-        description="--server: PUT /tasks/{id} (multipart field `file`, Authorization: Bearer "
-        "<key>). --store: put it directly into a disk path or redis:// URL.",
+        description="Upload to a running server: PUT /tasks/{id} (the flags and environment of "
+        "`softserve tasks push`). --store: put it directly into a disk path or redis:// URL instead.",
     )
     p.add_argument("artifact", help="artifact .safetensors")
     p.add_argument("--task-id", default=None, help="publish under this task id (default: the artifact's)")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8000")
-    where.add_argument("--store", help="store spec: a directory, disk:PATH, or redis://...")
-    p.add_argument(
-        "--api-key", default=None, help="admin key (default: $SOFTSERVE_ADMIN_KEY or $SOFTSERVE_API_KEY)"
-    )
-    p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds (%(default)s)")
+    p.add_argument("--store", help="store spec: a directory, disk:PATH, or redis://... (instead of a server)")
+    add_client_flags(p)
     p.set_defaults(func=_cmd_push)
 
 
@@ -315,21 +326,10 @@ def retarget(artifact: Artifact, task_id: str) -> Artifact:
 def push_to_server(
     artifact: Artifact, url: str, api_key: str | None, timeout: float = 60.0
 ) -> dict[str, Any]:
-    """PUT the artifact to /tasks/{task_id}; raises RuntimeError with the server's answer on failure."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    files = {"file": (f"{artifact.task_id}.safetensors", to_bytes(artifact), "application/octet-stream")}
-    resp = httpx.put(
-        f"{url.rstrip('/')}/tasks/{artifact.task_id}", files=files, headers=headers, timeout=timeout
-    )
-    try:
-        body: Any = resp.json()
-    except ValueError:
-        body = resp.text
-    if not resp.is_success:
-        raise RuntimeError(f"server answered {resp.status_code}: {body}")
-    return body if isinstance(body, dict) else {"response": body}
+    """PUT the artifact to /tasks/{task_id}; raises CliError (a RuntimeError) with the server's answer."""
+    conn = Connection(check_url(url), api_key, timeout)
+    with TaskClient(conn) as client:
+        return client.push(artifact.task_id, [(f"{artifact.task_id}.safetensors", to_bytes(artifact))])
 
 
 def push_to_store(artifact: Artifact, spec: str) -> int:
@@ -343,20 +343,36 @@ def push_to_store(artifact: Artifact, spec: str) -> int:
         store.close()
 
 
+def _load_artifact(path: str) -> Artifact:
+    if not Path(path).is_file():
+        raise CliError(f"{path}: no such file", EXIT_USAGE)
+    try:
+        return load(path)
+    except (StoreError, OSError, ValueError) as exc:
+        raise CliError(f"{path} is not a softserve artifact: {exc}", EXIT_USAGE) from exc
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
-    artifact = load(args.artifact)
+    if args.store and given_client_flags(args):
+        raise CliError(
+            f"--store writes to a store directly: {', '.join(given_client_flags(args))} do not apply"
+        )
+    conn = None if args.store else connection(args)  # a bad URL is refused before the file is read
+    artifact = _load_artifact(args.artifact)
     if args.task_id:
         artifact = retarget(artifact, args.task_id)
     if args.store:
-        version = push_to_store(artifact, args.store)
-        print(json.dumps({"task_id": artifact.task_id, "version": version, "store": args.store}))
+        try:
+            version = push_to_store(artifact, args.store)
+        except StoreError as exc:
+            raise CliError(f"store {args.store!r} refused it: {exc}", EXIT_REFUSED) from exc
+        result = {"task_id": artifact.task_id, "version": version, "store": args.store}
+        report(args, result, f"stored {artifact.task_id!r} as version {version} in {args.store}")
         return 0
-    key = args.api_key or os.environ.get("SOFTSERVE_ADMIN_KEY") or os.environ.get("SOFTSERVE_API_KEY")
-    try:
-        print(json.dumps(push_to_server(artifact, args.server, key, args.timeout), indent=1))
-    except (RuntimeError, OSError) as exc:
-        print(f"push failed: {exc}", file=sys.stderr)
-        return 1
+    assert conn is not None
+    with TaskClient(conn) as client:
+        info = client.push(artifact.task_id, [(f"{artifact.task_id}.safetensors", to_bytes(artifact))])
+    report(args, info, pushed_line(info))
     return 0
 
 
@@ -364,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softserve-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"softserve-train {version()}")
+    add_client_flags(parser)  # for push; also accepted before the subcommand, as in `softserve`
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_train_parser, _eval_parser, _compress_parser, _push_parser):
         add(sub)
@@ -372,12 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "push" and (given_client_flags(args) or wants_json(args)):
+        flags = ", ".join(given_client_flags(args)) or "--json"
+        parser.error(f"{flags}: for `push` only")
     try:
         return int(args.func(args))
+    except CliError as exc:
+        return fail("softserve-train", exc)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail("softserve-train", CliError(str(exc), EXIT_USAGE))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

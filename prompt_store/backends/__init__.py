@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
 from prompt_store.backends.disk import DiskStore
 from prompt_store.backends.redis_store import RedisStore
+from prompt_store.errors import StoreError
 from prompt_store.types import Limits
+
+log = logging.getLogger(__name__)
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -22,4 +26,16 @@ def open_store(spec: str, limits: Limits | None = None) -> Store:
     return DiskStore(Path(path).expanduser(), limits=limits)
 
 
-__all__ = ["ChangeEvent", "DiskStore", "RedisStore", "Store", "TaskInfo", "open_store"]
+def recover_at_start(store: Store) -> list[str]:
+    """store.recover(), logging what it removed; a store that cannot be reached now is only logged."""
+    try:
+        removed = store.recover()
+    except StoreError as exc:
+        log.warning("store clean-up at start skipped: %s", exc)
+        return []
+    for item in removed:
+        log.info("store clean-up at start removed %s", item)
+    return removed
+
+
+__all__ = ["ChangeEvent", "DiskStore", "RedisStore", "Store", "TaskInfo", "open_store", "recover_at_start"]

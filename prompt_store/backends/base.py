@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+import builtins
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from prompt_store.types import Artifact
@@ -56,6 +57,22 @@ class Store(abc.ABC):
 
         `stop` is a threading.Event; the iterator ends when it is set.
         """
+
+    def prune(self, task_id: str, keep: int, protected: Collection[int] = ()) -> builtins.list[int]:
+        """Remove old versions: keep the newest `keep`, the current one and every `protected` one.
+
+        Returns the removed version numbers (ascending). A missing task removes nothing.
+        """
+        return []
+
+    def recover(self) -> builtins.list[str]:
+        """At start: remove what a crashed writer left (versions never made current, temp files,
+        half-deleted tasks). Returns a description of each thing removed."""
+        return []
+
+    def writable(self) -> bool:
+        """Whether a write could succeed now (not out of disk space / Redis memory). Reads may still work."""
+        return True
 
     def ping(self) -> None:  # noqa: B027 - optional hook
         """Raise StoreUnavailable when the backend cannot be reached."""

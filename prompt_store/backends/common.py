@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import threading
 
-from prompt_store.artifact import tensors_sha256, to_bytes, with_version
+from prompt_store.artifact import (
+    METADATA_KEY,
+    from_bytes,
+    manifest_json,
+    parse_manifest,
+    to_bytes,
+    with_version,
+)
 from prompt_store.backends.base import ChangeEvent
-from prompt_store.errors import ArtifactFormatError, TooLarge
+from prompt_store.errors import TooLarge
+from prompt_store.task_id import validate_new_task_id
 from prompt_store.types import Artifact, Limits
 from prompt_store.validation import validate_artifact
 
@@ -14,21 +22,38 @@ from prompt_store.validation import validate_artifact
 Pointer = tuple[int, str]
 
 
-def check_artifact(artifact: Artifact, limits: Limits) -> None:
-    """What every backend checks before storing: method validity, size, and a sha256 that matches."""
+def check_artifact(artifact: Artifact, limits: Limits) -> str:
+    """What every backend checks before any I/O: a task id that may be stored, a valid method config and
+    tensors, a size within the limit. The bytes are then checked again in their stored form (stored_bytes,
+    stored_manifest). Returns the task id.
+    """
+    task_id = validate_new_task_id(artifact.task_id)
     validate_artifact(artifact, None, limits)
     if artifact.nbytes() > limits.max_file_bytes:
-        raise TooLarge(f"artifact has {artifact.nbytes()} tensor bytes; the limit is {limits.max_file_bytes}")
-    if tensors_sha256(artifact.tensors) != artifact.sha256:
-        raise ArtifactFormatError("manifest sha256 does not match the tensors", field="sha256")
+        raise TooLarge(
+            f"artifact has {artifact.nbytes()} tensor bytes; the limit is {limits.max_file_bytes}",
+            field="file",
+        )
+    return task_id
 
 
-def serialise(artifact: Artifact, version: int, limits: Limits) -> bytes:
-    """The stored bytes of an artifact: its safetensors file with manifest.version set."""
+def stored_bytes(artifact: Artifact, version: int, limits: Limits) -> bytes:
+    """The safetensors file of `artifact` as version `version`, checked in exactly this form.
+
+    Serialised once; these very bytes are parsed and validated (sizes, manifest length, sha256 against
+    the tensors, method checks) and only then returned for writing, so nothing is stored that a read
+    would refuse (e.g. a manifest that grew past its limit when serialised).
+    """
     data = to_bytes(with_version(artifact, version))
-    if len(data) > limits.max_file_bytes:
-        raise TooLarge(f"artifact is {len(data)} bytes; the limit is {limits.max_file_bytes}", field="file")
+    validate_artifact(from_bytes(data, limits), None, limits)
     return data
+
+
+def stored_manifest(artifact: Artifact, version: int, limits: Limits) -> str:
+    """The manifest JSON of `artifact` as version `version` (Redis keeps it apart), checked as stored."""
+    text = manifest_json(with_version(artifact, version).manifest)
+    parse_manifest({METADATA_KEY: text}, limits)
+    return text
 
 
 def pointer_changes(old: dict[str, Pointer], new: dict[str, Pointer]) -> list[ChangeEvent]:

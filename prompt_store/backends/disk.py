@@ -11,30 +11,47 @@ directory, so a reader sees either the old or the new file, never a partial one.
 assigned under the task lock (max existing + 1), so concurrent writers, threads or processes, never
 reuse a number and CURRENT always names the highest committed version. Deleting renames the task
 directory to a dot-prefixed tombstone first, so the task disappears atomically for readers.
+
+A put that fails (refused in its stored form, or the disk is full) removes what it wrote: no version number
+is burnt and CURRENT is untouched. prune() removes old versions, recover() what a crashed writer left.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from prompt_store.artifact import METADATA_KEY, load, parse_manifest, read_header
 from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
-from prompt_store.backends.common import Pointer, check_artifact, pointer_changes, serialise, stop_event
-from prompt_store.errors import ArtifactFormatError, NotFound, StoreError, StoreUnavailable
+from prompt_store.backends.common import Pointer, check_artifact, pointer_changes, stop_event, stored_bytes
+from prompt_store.errors import (
+    ArtifactFormatError,
+    InvalidTaskId,
+    NotFound,
+    StoreError,
+    StoreFull,
+    StoreUnavailable,
+)
 from prompt_store.fileio import atomic_write, fsync_dir
 from prompt_store.task_id import validate_task_id
 from prompt_store.types import Artifact, Limits, Manifest
 
+log = logging.getLogger(__name__)
+
 CURRENT = "CURRENT"
 _SUFFIX = ".safetensors"
+_TOMBSTONE = ".deleted-"
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+MIN_FREE_BYTES = 64 * 1024  # below this much free space the store reports itself not writable
 
 
 def _parse_pointer(text: str, path: Path) -> Pointer:
@@ -71,6 +88,7 @@ class DiskStore(Store):
         self._locks = self.root / "locks"
         self._tasks.mkdir(parents=True, exist_ok=True)
         self._locks.mkdir(parents=True, exist_ok=True)
+        self._need = 0  # bytes of the last write that failed for want of space (0 after a success)
 
     def __repr__(self) -> str:
         return f"DiskStore({str(self.root)!r})"
@@ -107,8 +125,9 @@ class DiskStore(Store):
     def _task_lock(self, task_id: str) -> Iterator[None]:
         """Exclusive per-task lock across threads and processes (flock on a per-task lock file).
 
-        delete() unlinks the lock file while holding it; a waiter that then wakes up on the orphaned
-        inode notices the path now names another (or no) file and retries on the new one.
+        When the task has no directory at the end (deleted, never created, or a first put that failed),
+        the lock file is unlinked while still held, so no file outlives its task; a waiter that then
+        wakes up on the orphaned inode notices the path now names another (or no) file and retries.
         """
         path = self._locks / f"{task_id}.lock"
         while True:
@@ -120,7 +139,11 @@ class DiskStore(Store):
                 except FileNotFoundError:
                     same = False
                 if same:
-                    yield
+                    try:
+                        yield
+                    finally:
+                        if not self._task_dir(task_id).is_dir():
+                            path.unlink(missing_ok=True)
                     return
             finally:
                 os.close(fd)  # closing the descriptor releases the flock
@@ -128,18 +151,33 @@ class DiskStore(Store):
     # ---- Store API ---------------------------------------------------------------------------------------
 
     def put(self, artifact: Artifact) -> int:
-        """Store a new immutable version and make it current; returns the assigned version number."""
-        task_id = validate_task_id(artifact.task_id)
-        check_artifact(artifact, self.limits)
+        """Store a new immutable version and make it current; returns the assigned version number.
+
+        The bytes are checked in their stored form before anything is written; a failure after that (a
+        full disk) removes the new file again, so a failed put changes nothing.
+        """
+        task_id = check_artifact(artifact, self.limits)
         with self._io(), self._task_lock(task_id):
             task_dir = self._task_dir(task_id)
-            task_dir.mkdir(exist_ok=True)
-            self._remove_orphan_temps(task_dir)
+            created = not task_dir.is_dir()
             version = max(self._versions(task_id), default=0) + 1
-            data = serialise(artifact, version, self.limits)
-            atomic_write(self._version_path(task_id, version), data)
-            pointer = f"{version} {artifact.sha256}\n".encode("ascii")
-            atomic_write(task_dir / CURRENT, pointer)
+            path = self._version_path(task_id, version)
+            data = b""
+            try:
+                data = stored_bytes(artifact, version, self.limits)
+                task_dir.mkdir(exist_ok=True)
+                self._remove_orphan_temps(task_dir)
+                atomic_write(path, data)
+                atomic_write(task_dir / CURRENT, f"{version} {artifact.sha256}\n".encode("ascii"))
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+                    if created:  # nothing of a task whose first put failed stays behind (nor its lock)
+                        shutil.rmtree(task_dir, ignore_errors=True)
+                if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+                    self._need = len(data) + 4096
+                raise
+            self._need = 0
         return version
 
     def get(self, task_id: str, version: int | None = None) -> Artifact:
@@ -179,11 +217,17 @@ class DiskStore(Store):
         )
 
     def list(self) -> list[TaskInfo]:
-        """Every task with a current version, sorted by task id."""
+        """Every task with a current version, sorted by task id; an unreadable task is logged and left out."""
+        with self._io():
+            task_ids = self._task_ids()
         out = []
-        for task_id in self._task_ids():
-            with contextlib.suppress(NotFound):
+        for task_id in task_ids:
+            try:
                 out.append(self.info(task_id))
+            except NotFound:
+                continue  # deleted meanwhile, or never made current
+            except StoreError as exc:
+                log.warning("task %r left out of the list: %s", task_id[:80], exc)
         return out
 
     def delete(self, task_id: str) -> None:
@@ -193,11 +237,10 @@ class DiskStore(Store):
             task_dir = self._task_dir(task_id)
             if not task_dir.is_dir():
                 raise NotFound(f"task {task_id!r} not found", field="task_id")
-            tomb = self._tasks / f".deleted-{task_id}-{uuid.uuid4().hex[:8]}"
+            tomb = self._tasks / f"{_TOMBSTONE}{task_id}-{uuid.uuid4().hex[:8]}"
             os.replace(task_dir, tomb)
             fsync_dir(self._tasks)
             shutil.rmtree(tomb, ignore_errors=True)
-            (self._locks / f"{task_id}.lock").unlink(missing_ok=True)
 
     def watch(self, stop: object | None = None, poll_interval: float = 1.0) -> Iterator[ChangeEvent]:
         """Poll the CURRENT pointers (their content) every `poll_interval` s; yield one event per change.
@@ -212,6 +255,73 @@ class DiskStore(Store):
             changes = pointer_changes(seen, fresh)
             seen = fresh
             yield from changes
+
+    def prune(self, task_id: str, keep: int, protected: Collection[int] = ()) -> builtins.list[int]:
+        """Keep the newest `keep` committed versions, the current one and `protected`; remove the rest."""
+        validate_task_id(task_id)
+        with self._io(), self._task_lock(task_id):
+            try:
+                current, _ = self._pointer(task_id)
+            except NotFound:
+                return []
+            versions = self._versions(task_id)
+            committed = [v for v in versions if v <= current]  # above current: never made current
+            kept = {*committed[-max(1, keep) :], current, *protected}
+            removed = [v for v in versions if v not in kept]
+            for version in removed:
+                self._version_path(task_id, version).unlink(missing_ok=True)
+            if removed:
+                fsync_dir(self._task_dir(task_id))
+        return removed
+
+    def recover(self) -> builtins.list[str]:
+        """Remove what crashed writers left: half-deleted tasks, temp files, versions never made current."""
+        removed = []
+        with self._io():
+            for name in os.listdir(self._tasks):
+                if name.startswith(_TOMBSTONE):
+                    shutil.rmtree(self._tasks / name, ignore_errors=True)
+                    removed.append(name)
+            for task_id in self._task_ids():
+                try:
+                    validate_task_id(task_id)
+                except InvalidTaskId:
+                    continue  # not ours: left alone
+                removed += self._recover_task(task_id)
+        return removed
+
+    def _recover_task(self, task_id: str) -> builtins.list[str]:
+        removed = []
+        with self._task_lock(task_id):
+            task_dir = self._task_dir(task_id)
+            if not task_dir.is_dir():
+                return []
+            self._remove_orphan_temps(task_dir)
+            try:
+                current, _ = self._pointer(task_id)
+            except NotFound:
+                current = 0  # the first put crashed before its flip
+            except StoreError as exc:
+                log.warning("task %r: %s; left for an operator", task_id, exc)
+                return []
+            for version in self._versions(task_id):
+                if version > current:
+                    self._version_path(task_id, version).unlink(missing_ok=True)
+                    removed.append(f"{task_id} v{version} (never made current)")
+            if current == 0 and not any(task_dir.iterdir()):
+                task_dir.rmdir()  # the lock file goes with it
+        return removed
+
+    def writable(self) -> bool:
+        """Enough free space (and inodes) for the last write that failed, or MIN_FREE_BYTES."""
+        try:
+            st = os.statvfs(self._tasks)
+        except OSError:
+            return False
+        if st.f_files and not st.f_favail:
+            return False
+        free = st.f_bavail * st.f_frsize
+        return os.access(self._tasks, os.W_OK) and free >= max(self._need, MIN_FREE_BYTES)
 
     def ping(self) -> None:
         if not (self._tasks.is_dir() and os.access(self._tasks, os.W_OK | os.X_OK)):
@@ -228,6 +338,10 @@ class DiskStore(Store):
         except StoreError:
             raise
         except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                raise StoreFull(
+                    f"the store's disk is full ({exc.strerror}); nothing was written", field="store"
+                ) from exc
             raise StoreUnavailable(f"disk store I/O failed: {exc}") from exc
 
     def _task_ids(self) -> builtins.list[str]:

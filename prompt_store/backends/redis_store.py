@@ -11,9 +11,11 @@ Per task (key names are built only in `Keys`):
     {p}:tasks                    set of task ids with a current pointer
     {p}:events                   pub/sub channel: {"task_id", "version", "sha256"} (version 0 = deleted)
 
-A put reserves a number with INCR, then in one MULTI/EXEC writes blob + manifest and runs a Lua
-compare-and-set that moves the pointer only forward and PUBLISHes the change, so a slow writer never
-overwrites a newer pointer and readers only ever see complete versions.
+A put WATCHes the task's counter and pointer, takes the next number, checks the blob and the manifest in
+exactly their stored form, then in one MULTI/EXEC sets the counter, writes blob + manifest and runs a Lua
+compare-and-set that moves the pointer only forward and PUBLISHes the change: readers only ever see
+complete versions, and a put that fails (refused, Redis out of memory, a concurrent delete it lost to)
+writes nothing and burns no number. Retention and crash clean-up live in redis_retention.
 """
 
 from __future__ import annotations
@@ -21,21 +23,35 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Collection, Iterator
 from typing import cast
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
+from redis.exceptions import OutOfMemoryError  # type: ignore[attr-defined]  # stubs predate it
 from redis.retry import Retry
 
-from prompt_store.artifact import METADATA_KEY, from_bytes, parse_manifest, with_version
+from prompt_store.artifact import METADATA_KEY, from_bytes, parse_manifest
+from prompt_store.backends import redis_retention
 from prompt_store.backends.base import ChangeEvent, Store, TaskInfo
-from prompt_store.backends.common import check_artifact, serialise, stop_event
+from prompt_store.backends.common import check_artifact, stop_event, stored_bytes, stored_manifest
 from prompt_store.backends.redis_watch import RedisWatch, decode_pointer, text
-from prompt_store.errors import ArtifactFormatError, InvalidTaskId, NotFound, StoreUnavailable
+from prompt_store.errors import (
+    ArtifactFormatError,
+    InvalidTaskId,
+    NotFound,
+    StoreError,
+    StoreFull,
+    StoreUnavailable,
+)
 from prompt_store.task_id import validate_task_id
 from prompt_store.types import Artifact, Limits
+
+log = logging.getLogger(__name__)
+
+MIN_FREE_BYTES = 64 * 1024  # with less headroom under maxmemory the store reports itself not writable
 
 # KEYS: current, tasks, seq. ARGV: version, sha256, task_id, event JSON, channel.
 # Returns 1 when the pointer moved to ARGV[1], 0 when an equal or newer version is already current.
@@ -84,11 +100,15 @@ class Keys:
 
 @contextlib.contextmanager
 def _io() -> Iterator[None]:
-    """Map connection-level Redis failures to StoreUnavailable."""
+    """Map connection-level Redis failures to StoreUnavailable, and a full Redis to StoreFull."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise StoreUnavailable(f"redis is unreachable: {exc}") from exc
+    except OutOfMemoryError as exc:
+        raise StoreFull(
+            "the store is full: redis reached its maxmemory (noeviction); nothing was written", field="store"
+        ) from exc
 
 
 class RedisStore(Store):
@@ -123,6 +143,7 @@ class RedisStore(Store):
             raise ValueError("RedisStore needs a client with decode_responses=False (blobs are bytes)")
         self.client = client
         self._set_current = client.register_script(_SET_CURRENT_LUA)
+        self._need = 0  # bytes of the last put refused for want of memory (0 after a success)
 
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self.keys.prefix!r})"
@@ -171,19 +192,38 @@ class RedisStore(Store):
     # ---- Store API ---------------------------------------------------------------------------------------
 
     def put(self, artifact: Artifact) -> int:
-        """Store a new immutable version; it becomes current unless a newer one already is."""
-        task_id = validate_task_id(artifact.task_id)
-        check_artifact(artifact, self.limits)
-        blob = serialise(artifact, 0, self.limits)
-        with _io():
-            version = int(self.client.incr(self.keys.seq(task_id)))
-            manifest_json = json.dumps(with_version(artifact, version).manifest.to_dict(), sort_keys=True)
-            with self.client.pipeline(transaction=True) as pipe:
-                self.write_blob(task_id, artifact.sha256, blob, pipeline=pipe)
-                self.write_manifest(task_id, version, manifest_json, pipeline=pipe)
-                self.set_current(task_id, version, artifact.sha256, pipeline=pipe)
-                pipe.execute()
+        """Store a new immutable version and make it current; returns its number (see the module doc)."""
+        task_id = check_artifact(artifact, self.limits)
+        blob = stored_bytes(artifact, 0, self.limits)  # blobs are shared by versions: manifest.version 0
+        try:
+            version = self._commit(task_id, artifact, blob)
+        except StoreFull:
+            self._need = len(blob) + MIN_FREE_BYTES
+            raise
+        self._need = 0
         return version
+
+    def _commit(self, task_id: str, artifact: Artifact, blob: bytes) -> int:
+        """Take the next version number and write everything in one transaction (retried on a race)."""
+        k = self.keys
+        with _io(), self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(k.seq(task_id), k.current(task_id))
+                    # after WATCH the pipeline runs commands immediately and returns their results
+                    seq = int(cast("bytes", pipe.get(k.seq(task_id))) or 0)
+                    pointer = decode_pointer(cast("dict[bytes, bytes]", pipe.hgetall(k.current(task_id))))
+                    version = max(seq, pointer[0] if pointer else 0) + 1
+                    manifest = stored_manifest(artifact, version, self.limits)
+                    pipe.multi()
+                    pipe.set(k.seq(task_id), version)
+                    self.write_blob(task_id, artifact.sha256, blob, pipeline=pipe)
+                    self.write_manifest(task_id, version, manifest, pipeline=pipe)
+                    self.set_current(task_id, version, artifact.sha256, pipeline=pipe)
+                    pipe.execute()
+                    return version
+                except redis.WatchError:
+                    continue  # another put or a delete of this task committed first: start over
 
     def get(self, task_id: str, version: int | None = None) -> Artifact:
         """The current (or the given) version, sha256-verified; raises NotFound."""
@@ -209,7 +249,7 @@ class RedisStore(Store):
     def info(self, task_id: str) -> TaskInfo:
         """Metadata of the current version (no blob transfer); raises NotFound."""
         validate_task_id(task_id)
-        found = self._infos([task_id])
+        found = self._infos([task_id], skip_broken=False)
         if not found:
             raise NotFound(f"task {task_id!r} not found", field="task_id")
         return found[0]
@@ -256,6 +296,29 @@ class RedisStore(Store):
         """
         return RedisWatch(self).events(stop_event(stop), poll_interval)
 
+    def prune(self, task_id: str, keep: int, protected: Collection[int] = ()) -> builtins.list[int]:
+        """Keep the newest `keep` committed versions, the current one and `protected`; drop the rest."""
+        validate_task_id(task_id)
+        with _io():
+            return redis_retention.prune(self, task_id, keep, protected)
+
+    def recover(self) -> builtins.list[str]:
+        """Remove versions never made current, blobs no version uses, and keys of tasks with no pointer."""
+        with _io():
+            return redis_retention.recover(self)
+
+    def writable(self) -> bool:
+        """False while Redis (maxmemory, noeviction) lacks room for the last refused put or MIN_FREE_BYTES."""
+        try:
+            info = self.client.info("memory")
+        except redis.RedisError as exc:
+            log.warning("redis INFO failed: %s", exc)
+            return False
+        maxmemory = int(info.get("maxmemory", 0) or 0)
+        if not maxmemory or info.get("maxmemory_policy") != "noeviction":
+            return True
+        return int(info.get("used_memory", 0)) + max(self._need, MIN_FREE_BYTES) <= maxmemory
+
     def ping(self) -> None:
         with _io():
             self.client.ping()
@@ -276,8 +339,11 @@ class RedisStore(Store):
             yield pipe
             pipe.execute()
 
-    def _infos(self, task_ids: builtins.list[str]) -> builtins.list[TaskInfo]:
-        """TaskInfo of each task that has a current pointer, in two pipelined round trips."""
+    def _infos(self, task_ids: builtins.list[str], skip_broken: bool = True) -> builtins.list[TaskInfo]:
+        """TaskInfo of each task that has a current pointer, in two pipelined round trips.
+
+        A task whose stored manifest cannot be read is logged and left out (skip_broken) or raised.
+        """
         k = self.keys
         with _io():
             with self.client.pipeline(transaction=False) as pipe:
@@ -295,15 +361,21 @@ class RedisStore(Store):
         for (task_id, pointer, versions), raw_manifest in zip(live, manifests, strict=True):
             if raw_manifest is None:
                 continue  # deleted between the two round trips
-            data = json.loads(text(raw_manifest))
-            out.append(
-                TaskInfo(
-                    task_id=task_id,
-                    version=pointer[0],
-                    method=str(data.get("method", "")),
-                    sha256=pointer[1],
-                    created_at=str(data.get("created_at", "")),
-                    versions=tuple(sorted(int(v) for v in versions)),
-                )
+            try:
+                # read as get() reads it: one rule for what a stored manifest may be
+                manifest = parse_manifest({METADATA_KEY: text(raw_manifest)}, self.limits)
+            except StoreError as exc:
+                if not skip_broken:
+                    raise
+                log.warning("task %r left out of the list: %s", task_id, exc)
+                continue
+            info = TaskInfo(
+                task_id=task_id,
+                version=pointer[0],
+                method=manifest.method,
+                sha256=pointer[1],
+                created_at=manifest.created_at,
+                versions=tuple(sorted(int(v) for v in versions)),
             )
+            out.append(info)
         return out

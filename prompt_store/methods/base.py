@@ -62,7 +62,7 @@ def get_method(name: str) -> Method[Any]:
 def require_int(value: object, name: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValidationError(
-            f"method_config.{name} must be an integer in [{low}, {high}], got {value!r}", field=name
+            f"method_config.{name} must be an integer in [{low}, {high}], got {repr(value)[:80]}", field=name
         )
     return value
 

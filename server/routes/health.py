@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.deps import ApiKey, StateDep
 from server.schemas import ErrorBody
+from server.state import ServerState
 
+log = logging.getLogger("softserve.health")
 router = APIRouter(tags=["health"])
 LIVENESS_ALLOWLIST = frozenset({"/healthz", "/readyz"})
 
@@ -18,13 +22,29 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def store_writable(state: ServerState, reachable: bool) -> bool:
+    if not reachable:
+        return False
+    try:
+        return state.store.writable()
+    except Exception as exc:  # noqa: BLE001 - readiness reports any failure as not writable
+        log.warning("store writability check failed: %s", exc)
+        return False
+
+
 @router.get("/readyz", responses={503: {"description": "not ready (same body)"}})
 def readyz(state: StateDep) -> JSONResponse:
-    """Model loaded, engine running, store reachable, not draining."""
+    """Model loaded, engine running, store reachable, not draining.
+
+    `store_writable` false (a full disk, Redis at maxmemory) is reported but keeps the replica ready:
+    every stored task still serves; only uploads are refused (507).
+    """
+    reachable = state.store_reachable()
     checks = {
         "model": True,
         "engine": state.engine.is_running(),
-        "store": state.store_reachable(),
+        "store": reachable,
+        "store_writable": store_writable(state, reachable),
         "draining": state.draining,
     }
     ready = checks["engine"] and checks["store"] and not state.draining
@@ -38,12 +58,5 @@ def readyz(state: StateDep) -> JSONResponse:
     responses={401: {"model": ErrorBody, "description": "missing or invalid key"}},
 )
 def metrics(state: StateDep) -> Response:
-    m, stats = state.metrics, state.engine.stats()
-    m.queue_depth.set(stats.get("queue_depth", 0))
-    m.batch_size.set(stats.get("batch_size", 0))
-    m.tokens_per_s.set(stats.get("tokens_per_s", 0.0))
-    for name, cache in (("serving_forms", state.cache.lru), ("device_prefix", state.engine.prefix_cache)):
-        m.cache_hits.labels(cache=name).set(cache.hits)
-        m.cache_misses.labels(cache=name).set(cache.misses)
-        m.cache_bytes.labels(cache=name).set(cache.bytes)
-    return Response(m.render(), media_type="text/plain; version=0.0.4")
+    """Prometheus text format; cache and engine counts are read at this scrape (server.metrics)."""
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")

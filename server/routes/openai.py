@@ -1,108 +1,211 @@
-"""OpenAI-compatible /v1/completions and /v1/chat/completions (`model` = task id)."""
+"""OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions (`model` = task id).
+
+Parameters: server.openai_schemas (honoured, no-op or refused, each named); shapes: server.openai_format;
+errors on /v1/* are OpenAI's {"error": {"message", "type", "param", "code"}} (server.errors).
+"""
 
 from __future__ import annotations
 
-import json
+import hashlib
+import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
-from server import service
+from prompt_store import NotFound, validate_task_id
+from prompt_store.backends import TaskInfo
+from server import openai_format, service
 from server.deps import ApiKey, StateDep
-from server.schemas import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, OpenAIBase
-from server.service import Prepared
+from server.errors import LimitExceeded
+from server.openai_format import Shape
+from server.openai_schemas import MAX_ROWS, ChatCompletionRequest, CompletionRequest, OpenAIBase
+from server.schemas import bias_pairs
+from server.service import BASE_TASK, Prepared
 from server.state import ServerState
 
+log = logging.getLogger("softserve.openai")
+STARTED = int(time.time())  # `created` of the bare model: when this server process started
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx)")
+    param: str | None = Field(description="the request field at fault")
+    code: str | None = Field(description="e.g. limit, unsupported_parameter, model_not_found, queue_full")
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIErrorBody, "description": text}
+    for status, text in {
+        400: "an unsupported parameter or value (named in `param`)",
+        401: "missing or invalid key",
+        404: "unknown model (task id)",
+        413: "body over SOFTSERVE_MAX_BODY_BYTES",
+        422: "invalid field or over a limit (named in `param` and the message)",
+        429: "queue full; retry after Retry-After seconds",
+        500: "generation failed",
+        503: "not ready: store unreachable or draining",
+        504: "request deadline exceeded",
+    }.items()
+}
 STREAM_OR_JSON: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"application/json": {}, "text/event-stream": {}},
         "description": "JSON, or server-sent events when `stream`",
     }
 }
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey], responses=ERRORS)
 
 
-def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+# ---- models -----------------------------------------------------------------------------------------------
 
 
-async def _prepare(state: ServerState, body: OpenAIBase, prompt: str | None, messages: Any) -> Prepared:
-    ids = service.tokenize(state, prompt, messages)
-    params = service.sampling_params(
-        state,
-        body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_list(),
-    )
-    return await service.prepare(state, body.model, ids, params)
+def _created(info: TaskInfo) -> int:
+    try:
+        return int(datetime.fromisoformat(info.created_at.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
 
 
-def _usage(prepared: Prepared, completion: int) -> dict[str, int]:
+def _model(state: ServerState, info: TaskInfo | None) -> dict[str, Any]:
+    """A model object; softserve adds `method` and `version` (the bare model: method none, version 0)."""
+    if info is None:
+        return {
+            "id": BASE_TASK,
+            "object": "model",
+            "created": STARTED,
+            "owned_by": "softserve",
+            "method": "none",
+            "version": 0,
+            "root": state.runner.name,
+        }
     return {
-        "prompt_tokens": prepared.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prepared.prompt_tokens + completion,
+        "id": info.task_id,
+        "object": "model",
+        "created": _created(info),
+        "owned_by": "softserve",
+        "method": info.method,
+        "version": info.version,
+        "root": state.runner.name,
     }
 
 
-async def _stream(state: ServerState, prepared: Prepared, kind: str, model: str) -> AsyncIterator[str]:
-    rid, created = f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time())
-    obj = "chat.completion.chunk" if kind == "chatcmpl" else "text_completion"
-    async for event in service.events(state, prepared):
-        finish = _finish(event.finish_reason) if event.finish_reason else None
-        if kind == "chatcmpl":
-            choice: dict[str, Any] = {"index": 0, "delta": {"content": event.text}, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": event.text, "finish_reason": finish}
-        chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-        yield f"data: {json.dumps(chunk)}\n\n"
-    yield "data: [DONE]\n\n"
+@router.get("/models")
+async def list_models(state: StateDep) -> dict[str, Any]:
+    """`base` (the bare model) and every task, as OpenAI model objects."""
+    infos = await run_in_threadpool(state.store.list)
+    return {"object": "list", "data": [_model(state, None), *(_model(state, i) for i in infos)]}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, state: StateDep) -> dict[str, Any]:
+    if model_id == BASE_TASK:
+        return _model(state, None)
+    try:
+        validate_task_id(model_id)
+    except Exception as exc:
+        raise NotFound(f"The model '{model_id[:64]}' does not exist", field="model") from exc
+    return _model(state, await run_in_threadpool(state.store.info, model_id))
+
+
+# ---- completions ----------------------------------------------------------------------------------------
+
+
+def _params(
+    state: ServerState, body: OpenAIBase, max_new: int | None, limit_field: str, logprobs: int | None
+) -> Any:
+    return service.sampling_params(
+        state,
+        max_new,
+        limit_field=limit_field,
+        temperature=body.temperature or 0.0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=body.stop_list(),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=bias_pairs(body.logit_bias),
+        logprobs=logprobs,
+    )
+
+
+def _check(body: OpenAIBase, prompts: int) -> None:
+    """Refused parameters (400 naming them), the row limit, and the user logged as a hash only."""
+    refusal = body.refusal()
+    if refusal is not None:
+        raise refusal
+    if prompts * body.choices() > MAX_ROWS:
+        raise LimitExceeded(
+            f"n ({body.choices()}) x prompts ({prompts}) = {prompts * body.choices()} completions; "
+            f"the limit is {MAX_ROWS} per request",
+            field="n",
+        )
+    if body.user:
+        log.info(
+            "openai request user=%s", hashlib.sha256(body.user.encode("utf-8", "replace")).hexdigest()[:16]
+        )
+
+
+async def _run(
+    state: ServerState, shape: Shape, prepared: Prepared, stream: bool, request: Request
+) -> dict[str, Any] | StreamingResponse:
+    if stream:
+        return service.event_stream(state, prepared, openai_format.stream(state, shape, prepared))
+    outcomes = await service.run_to_completion(state, prepared, request.receive)
+    return openai_format.response(state, shape, prepared, outcomes)
 
 
 @router.post("/completions", response_model=None, responses=STREAM_OR_JSON)
-async def completions(body: CompletionRequest, state: StateDep) -> dict[str, Any] | StreamingResponse:
-    prepared = await _prepare(state, body, body.prompt, None)
-    if body.stream:
-        return service.event_stream(state, prepared, _stream(state, prepared, "cmpl", body.model))
-    out = await service.run_to_completion(state, prepared)
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": body.model,
-        "choices": [
-            {"index": 0, "text": out.text, "finish_reason": _finish(out.finish_reason), "logprobs": None}
-        ],
-        "usage": _usage(prepared, len(out.tokens)),
-    }
+async def completions(
+    body: CompletionRequest, state: StateDep, request: Request
+) -> dict[str, Any] | StreamingResponse:
+    prompts = body.prompts()
+    _check(body, len(prompts))
+    params = _params(state, body, body.max_tokens, "max_tokens", body.logprobs)
+    texts = [p for p in prompts if isinstance(p, str)]
+    if texts:
+        ids = [await service.prompt_ids(state, t, None) for t in texts]
+    else:
+        ids = [service.check_token_ids(state, p, "prompt") for p in prompts if isinstance(p, list)]
+        texts = [state.runner.decode(i) for i in ids] if body.echo else []
+    prepared = await service.prepare_many(
+        state, body.model, ids, params, n=body.choices(), limit_field="max_tokens"
+    )
+    shape = Shape(
+        chat=False,
+        model=body.model,
+        logprobs=body.logprobs is not None,
+        echo=texts if body.echo else None,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+    return await _run(state, shape, prepared, bool(body.stream), request)
 
 
 @router.post("/chat/completions", response_model=None, responses=STREAM_OR_JSON)
 async def chat_completions(
-    body: ChatCompletionRequest, state: StateDep
+    body: ChatCompletionRequest, state: StateDep, request: Request
 ) -> dict[str, Any] | StreamingResponse:
-    messages = [m.model_dump() for m in body.messages]
-    prepared = await _prepare(state, body, None, messages)
-    if body.stream:
-        return service.event_stream(state, prepared, _stream(state, prepared, "chatcmpl", body.model))
-    out = await service.run_to_completion(state, prepared)
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": body.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": out.text},
-                "finish_reason": _finish(out.finish_reason),
-            }
-        ],
-        "usage": _usage(prepared, len(out.tokens)),
-    }
+    _check(body, 1)
+    messages = body.template_messages()
+    max_new, limit_field = body.max_new()
+    params = _params(state, body, max_new, limit_field, body.top_k_logprobs())
+    ids = await service.prompt_ids(state, None, messages)
+    prepared = await service.prepare_many(
+        state, body.model, [ids], params, n=body.choices(), limit_field=limit_field, prompt_field="messages"
+    )
+    shape = Shape(
+        chat=True,
+        model=body.model,
+        logprobs=bool(body.logprobs),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+    return await _run(state, shape, prepared, bool(body.stream), request)

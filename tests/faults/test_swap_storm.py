@@ -42,7 +42,9 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_thousand_requests_during_fifty_swaps(tmp_path: Path) -> None:
-    with threaded_server(tmp_path, max_batch_size=MAX_BATCH, max_queue=MAX_QUEUE) as (url, state):
+    # keep_versions: every version stays stored, as each one's tokens are checked alone afterwards
+    settings = {"max_batch_size": MAX_BATCH, "max_queue": MAX_QUEUE, "keep_versions": SWAPS + 1}
+    with threaded_server(tmp_path, **settings) as (url, state):
         fp = state.runner.fingerprint
         engine = state.engine
         peak = {"active": 0, "total": 0}
