@@ -62,7 +62,7 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.drain_timeout
         while time.monotonic() < deadline and any(engine.load()):  # running (incl. admitting) or waiting
             time.sleep(POLL_S)
-        busy = sum(engine.load())
+        busy = engine.cancel()  # every request still waiting or running (none when drained)
         if busy:
             log.warning("drain timeout: %d requests still running are cancelled", busy)
         else:

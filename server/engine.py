@@ -30,8 +30,9 @@ from prompt_store.lru import ByteLRU
 from server.batch_state import BatchState, Forward, PrefillItem, decode_rows, prefill_rows
 from server.memory import MemoryTrimmer
 from server.model_runner import ModelRunner
-from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefix, device_prefixes
+from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefixes
 from server.requests import GenerationRequest, TaskPrompt, TokenEvent
+from server.rows import new_row
 from server.sampling import RowSampler, Sampled, TextStream, sample_batch
 from server.waiting import Deliver, Pending, WaitingQueue, leave_reason
 
@@ -155,16 +156,20 @@ class Engine:
                 events.append(inbox.get(timeout=timeout))
         return events
 
-    def cancel(self, request_id: int) -> bool:
-        """Cancel a waiting, admitted or running request; it leaves at the next step ('cancelled')."""
+    def cancel(self, request_id: int | None = None) -> int:
+        """Cancel a waiting, admitted or running request (every one when `request_id` is None); it leaves at
+        the next step with finish_reason 'cancelled'. Returns how many were cancelled."""
         admission = [p.req for p in self._admission]
-        for req in self._inbox.requests() + admission + [r.req for r in self._rows]:
-            if req.request_id == request_id:
-                req.cancelled.set()
-                with self._cv:
-                    self._cv.notify_all()
-                return True
-        return False
+        hits = [
+            req
+            for req in self._inbox.requests() + admission + [r.req for r in self._rows]
+            if request_id is None or req.request_id == request_id
+        ]
+        for req in hits:
+            req.cancelled.set()
+        with self._cv:
+            self._cv.notify_all()
+        return len(hits)
 
     def warm(self, task: TaskPrompt, done: Callable[[bool], None]) -> None:
         """Build the task's device prefix at the start of the next step, before a request needs it.
@@ -278,11 +283,7 @@ class Engine:
         prefixes = self._prefixes([p.req.task for p in admitted if p.req.task is not None])
         for p in admitted:
             try:
-                item = self._prefill_item(p.req, prefixes)
-                stream = TextStream(self.runner.decode, p.req.params.stop)
-                sampler = RowSampler.create(
-                    p.req.params, self.runner.device, self.runner.fingerprint.vocab_size
-                )
+                item, stream, sampler = new_row(self.runner, self.prefix_cache, self._bare, p.req, prefixes)
             except Exception as exc:
                 log.warning(
                     "request %d rejected before prefill: %s",
@@ -376,25 +377,6 @@ class Engine:
         except Exception:
             log.exception("batched prefix conversion of %d tasks failed; converting one by one", len(tasks))
             return {}
-
-    def _prefill_item(self, req: GenerationRequest, prefixes: dict[PrefixKey, DevicePrefix]) -> PrefillItem:
-        """Checks that would otherwise fail the whole prefill group, then the row's prefix and prompt."""
-        ids = list(req.prompt_ids)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.runner.fingerprint.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if req.task is None:
-            prefix = self._bare
-        else:
-            prefix = prefixes.get(req.task.key) or device_prefix(self.runner, self.prefix_cache, req.task)
-        if prefix.next_position + len(ids) > self.runner.max_context:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) starting at position {prefix.next_position} exceeds the model "
-                f"context of {self.runner.max_context}"
-            )
-        return PrefillItem(prefix.keys, prefix.values, prefix.next_position, ids, prefix.added)
 
     def _accept_token(self, row: _Row, sampled: Sampled | Exception) -> None:
         """Turn a sampled token into the row's event (and its end, if it is one); a sampling error ends it."""

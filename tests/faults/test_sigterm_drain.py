@@ -99,3 +99,38 @@ def test_sigterm_drains_in_flight_and_exits_0(long_context_model: Path, tmp_path
         assert "drained" in server.log()
     finally:
         server.stop()
+
+
+def test_drain_timeout_cancels_what_still_runs_and_exits_0(long_context_model: Path, tmp_path: Path) -> None:
+    """Past DRAIN_TIMEOUT_S the requests still running are cancelled (finish_reason cancelled), as the log
+    says, and the process exits 0 soon after; they are not left to run out uvicorn's own grace period."""
+    drain_s = 1
+    server = ServerProcess(
+        long_context_model,
+        f"disk:{tmp_path / 'store'}",
+        tmp_path / "server.log",
+        SOFTSERVE_DRAIN_TIMEOUT_S=str(drain_s),
+        SOFTSERVE_MAX_NEW_TOKENS="2000",
+    )
+    try:
+        server.wait_ready()
+        body = {"prompt": "go", "max_new_tokens": 2000, "stream": True, "temperature": 0}
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{server.url}/generate", json=body) as stream,
+        ):
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            signalled = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            ended = time.monotonic()
+        final = chunks[-1]
+        assert final["finish_reason"] == "cancelled", final
+        assert final["usage"]["completion_tokens"] < 2000
+        assert ended - signalled < drain_s + EXIT_AFTER_LAST_REQUEST_S
+        assert server.proc.wait(EXIT_AFTER_LAST_REQUEST_S) == 0, server.log()[-3000:]
+        assert "requests still running are cancelled" in server.log()
+    finally:
+        server.stop()
