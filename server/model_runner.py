@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from prompt_store import Fingerprint, SoftPrompt
 from prompt_store.embedded_model import DEFAULT_MODEL_NAME, ensure_smollm2, is_default
 from prompt_store.types import SUPPORTED_DTYPES
+from server.attention_mask import WindowMasks
 
 log = logging.getLogger("softserve.model")
 
@@ -113,10 +115,11 @@ class ModelRunner:
         self.eos_ids = frozenset(eos_ids if eos_ids is not None else self._find_eos_ids())
         self.pad_id = self._find_pad_id()
         self.max_context = self._find_max_context()
-        if any(getattr(self.new_cache(), "is_sliding", [])):
-            raise NotImplementedError(
-                f"{name}: sliding-window attention layers are not supported by the engine"
-            )
+        self.window_masks = (
+            WindowMasks(self.config, self.model.config._attn_implementation, self.dtype)
+            if WindowMasks.needed(self.config)
+            else None
+        )
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, name: str, **kwargs: Any) -> ModelRunner:
@@ -149,8 +152,26 @@ class ModelRunner:
     # ---- forwards ------------------------------------------------------------------------------------------
 
     def new_cache(self, layers: list[KV] | None = None) -> DynamicCache:
-        """A DynamicCache, optionally filled with per-layer (keys, values) of shape [B, Hkv, T, Dh]."""
-        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        """A DynamicCache, optionally filled with per-layer (keys, values) of shape [B, Hkv, T, Dh].
+
+        Every layer keeps all its columns (sliding layers too: the window is applied by the mask, see
+        server/attention_mask.py), so a prefix longer than the window keeps all its keys and values.
+        """
+        cache = DynamicCache(config=self.model.config)
+        for i, existing in enumerate(cache.layers):
+            if getattr(existing, "is_sliding", False):
+                cache.layers[i] = DynamicLayer()
+        for i, (keys, values) in enumerate(layers or []):
+            layer: Any = cache.layers[i]
+            layer.update(keys, values)  # [B, Hkv, T, Dh] each
+        return cache
+
+    def attention_mask(self, mask: torch.Tensor, n: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The model's `attention_mask` for a 2D mask [B, K] whose last n columns are the queries: the 2D
+        mask itself, or per-layer-type 4D masks [B, 1, n, K] where some layers have a sliding window."""
+        if self.window_masks is None:
+            return mask
+        return self.window_masks.build(mask, n)
 
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -168,7 +189,7 @@ class ModelRunner:
         """
         out = self.model(
             inputs_embeds=embeds,  # [B, n, d]
-            attention_mask=mask,  # [B, T + n]
+            attention_mask=self.attention_mask(mask, embeds.shape[1]),  # [B, T + n] (or 4D, per layer type)
             position_ids=positions,  # [B, n]
             cache=cache,
             use_cache=True,
@@ -198,7 +219,9 @@ class ModelRunner:
         cache = self.new_cache()
         self.model(
             inputs_embeds=embeds,  # [1, m, d]
-            attention_mask=torch.ones(1, m, dtype=torch.long, device=self.device),  # [1, m]
+            attention_mask=self.attention_mask(
+                torch.ones(1, m, dtype=torch.long, device=self.device), m
+            ),  # [1, m] (or 4D, per layer type)
             position_ids=torch.arange(m, device=self.device)[None],  # [1, m]
             cache=cache,
             use_cache=True,
@@ -223,7 +246,9 @@ class ModelRunner:
         cache = self.new_cache()
         self.model(
             inputs_embeds=batch,  # [n, W, d]
-            attention_mask=torch.ones(len(embeds), width, dtype=torch.long, device=self.device),  # [n, W]
+            attention_mask=self.attention_mask(
+                torch.ones(len(embeds), width, dtype=torch.long, device=self.device), width
+            ),  # [n, W] (or 4D, per layer type)
             position_ids=torch.arange(width, device=self.device)[None].expand(len(embeds), -1),  # [n, W]
             cache=cache,
             use_cache=True,
