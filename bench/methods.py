@@ -33,7 +33,7 @@ from training.eval import EvalResult, evaluate, evaluate_gist  # noqa: E402
 from training.loop import TrainConfig  # noqa: E402
 from training.methods import compress  # noqa: E402
 from training.model import LoadedModel, load_model  # noqa: E402
-from training.pipeline import DataSplit, load_split, train_task  # noqa: E402
+from training.pipeline import DataSplit, TaskRunConfig, load_split, train_task  # noqa: E402
 from training.recipes.make_recipes import recipe_path  # noqa: E402
 
 # (method, learning rate, options); lrs picked for a short CPU budget, not tuned per task.
@@ -140,7 +140,7 @@ def run_method(bench: Bench, method: str, lr: float, opts: dict[str, Any], task:
     if opts.get("init") == "text":  # prompt tuning and ACCEPT start from the task's instruction
         opts = opts | {"init_text": data.train[0].instruction}
     t0 = time.monotonic()
-    run = train_task(bench.lm, method, data, task, bench.train_cfg(bench.args.steps, lr), opts)
+    run = train_task(bench.lm, data, TaskRunConfig(method, task, bench.train_cfg(bench.args.steps, lr), opts))
     secs = time.monotonic() - t0
     after = bench.evaluate(data, to_serving_form(run.artifact))
     before, losses = bench.before[task], run.result.losses
@@ -168,7 +168,8 @@ def run_gist(bench: Bench) -> None:
     lm = bench.lm
     mixed = DataSplit([r for s in bench.splits.values() for r in s.train], [])
     t0 = time.monotonic()
-    run = train_task(lm, method, mixed, "gist-embeddings", bench.train_cfg(bench.args.gist_steps, lr), opts)
+    cfg = TaskRunConfig(method, "gist-embeddings", bench.train_cfg(bench.args.gist_steps, lr), opts)
+    run = train_task(lm, mixed, cfg)
     secs, losses = time.monotonic() - t0, run.result.losses
     log(f"gist: loss {losses[0]:.3f} -> {mean_tail(losses):.3f} in {secs:.0f} s")
     for task, data in bench.splits.items():

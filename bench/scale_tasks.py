@@ -4,7 +4,7 @@ Prints and writes bench/results/scale_tasks.md (+ .json) and bench/results/scale
 SmolLM2 (eos ignored) serves through the server's own path: a real store (a DiskStore in a temp dir, or
 --store redis://...), a ServingCache (store watcher running) and the Engine's device KV-prefix cache, each
 bounded to hold about --fit tasks, and server.service.prepare (cache.acquire -> leased TaskPrompt ->
-GenerationRequest), wired as server/app.py's build_state does but with the engine stepped inline.
+GenerationRequest), built by server/app.py's build_state with the engine stepped inline.
 - tasks: 1, 10, 100, 1000 are registered in turn (one store, growing), every one with --virtual-tokens
   virtual tokens and the model's fingerprint (written by 16 threads); methods cycle prompt tuning (45%),
   prefix tuning (35%), P-tuning (10%), gist (5%) and ACCEPT (5%).
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.artifacts import vocab_embeds  # noqa: E402
-from common.inline_serving import build_serving, decode_rate, lru_counts, run_requests  # noqa: E402
+from common.inline_serving import decode_rate, lru_counts, run_requests  # noqa: E402
 from common.scale_tasks_report import MiB, make_goals, plot, render  # noqa: E402
 from common.timing import TimedStore, Timers, time_calls  # noqa: E402
 from harness import QUESTIONS, RESULTS, add_device_args, bench_runner, chat_ids, write_report  # noqa: E402
@@ -54,6 +54,7 @@ from prompt_store.artifact import make_artifact  # noqa: E402
 from prompt_store.backends import Store, open_store  # noqa: E402
 from prompt_store.types import Artifact, SoftPrompt  # noqa: E402
 from prompt_store.validation import to_serving_form  # noqa: E402
+from server.app import build_state  # noqa: E402
 from server.model_runner import ModelRunner  # noqa: E402
 from server.settings import Settings, redact_store  # noqa: E402
 from server.state import ServerState  # noqa: E402
@@ -198,7 +199,7 @@ def main() -> None:
     if "://" in spec and inner.list():
         raise SystemExit(f"store {spec} is not empty; give an empty one (tasks scale-NNNN are written)")
     store = TimedStore(inner, timers)
-    state = build_serving(settings, runner, store)
+    state = build_state(settings, runner, store, start_engine=False)  # the engine is stepped inline
     time_calls(state.cache, "acquire", "acquire", timers, sync)  # what prepare() runs in a worker thread
     questions = [chat_ids(runner, q) for q in QUESTIONS]
     prompts = [questions[i % len(questions)] for i in range(args.requests)]

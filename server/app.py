@@ -31,9 +31,14 @@ log = logging.getLogger("softserve")
 
 
 def build_state(
-    settings: Settings, runner: ModelRunner | None = None, store: Store | None = None
+    settings: Settings,
+    runner: ModelRunner | None = None,
+    store: Store | None = None,
+    *,
+    start_engine: bool = True,
 ) -> ServerState:
-    """Load (or take) the model and the store; start the cache watcher and the engine thread."""
+    """Load (or take) the model and the store; start the cache watcher and the engine thread (without
+    `start_engine`, the caller steps the engine itself: the in-process benchmarks)."""
     runner = runner or load_model(settings.model, dtype=settings.dtype, device=settings.device)
     limits = Limits(max_virtual_tokens=settings.max_virtual_tokens, max_file_bytes=settings.max_body_bytes)
     store = store or open_store(settings.store, limits=limits)
@@ -46,12 +51,9 @@ def build_state(
         max_queue=settings.max_queue,
         prefix_cache_bytes=settings.prefix_cache_bytes,
     )
-    engine.start()
+    if start_engine:
+        engine.start()
     cache.on_new_version = partial(warm_task, cache, engine)  # another replica replaced a task in use here
-    if settings.admin_key is None:
-        log.warning(
-            "SOFTSERVE_ADMIN_KEY is not set: task uploads and deletes need no key (keep it on localhost)"
-        )
     metrics = Metrics(max_tasks=settings.metrics_max_tasks)
     metrics.track({CACHE_SERVING_FORMS: cache.lru, CACHE_DEVICE_PREFIX: engine.prefix_cache}, engine.stats)
     return ServerState(
@@ -75,6 +77,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await run_in_threadpool(build_state, settings, runner, store)
         app.state.softserve = state
+        if settings.admin_key is None:
+            log.warning(
+                "SOFTSERVE_ADMIN_KEY is not set: task uploads and deletes need no key (keep it on localhost)"
+            )
         log.info("ready: model=%s store=%s", state.runner.name, redact_store(settings.store))
         try:
             yield

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 from api_helpers import VOCAB, tiny_runner
 from conftest import free_port, tiny_llama
@@ -20,6 +17,7 @@ from tiny_tokenizer import tiny_tokenizer
 
 from prompt_store.backends import DiskStore, Store
 from server.app import create_app
+from server.dev_process import ServeProcess
 from server.drain import uvicorn_config
 from server.settings import Settings
 
@@ -32,13 +30,10 @@ def save_tiny_model(folder: Path) -> Path:
     return folder
 
 
-class ServerProcess:
-    """`python -m server.cli serve` on a free loopback port, its output in a log file."""
+class ServerProcess(ServeProcess):
+    """`python -m server.cli serve` for the tiny model in `model_dir`, INFO log lines in a log file."""
 
     def __init__(self, model_dir: Path, store: str, log_path: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
         full_env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
@@ -46,31 +41,8 @@ class ServerProcess:
             "SOFTSERVE_LOG_LEVEL": "INFO",
             **env,
         }
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--model", str(model_dir), "--store", store]
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {STARTUP_S} s:\n{self.log()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        flags = ["--model", str(model_dir), "--store", store]
+        super().__init__(flags, full_env, log_path, startup_s=STARTUP_S)
 
 
 @contextmanager

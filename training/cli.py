@@ -154,7 +154,7 @@ def _train_parser(sub: Any) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from training.loop import TrainConfig
     from training.model import load_model
-    from training.pipeline import load_split, train_task
+    from training.pipeline import TaskRunConfig, load_split, train_task
 
     task_id = args.task_id or (
         "gist-embeddings" if args.method == "gist" else Path(args.data[0]).stem.lower()
@@ -177,21 +177,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     options["seed"] = args.seed
     lm = load_model(args.model, args.dtype, args.device)
     data = load_split(args.data, args.eval_fraction, args.split_seed, args.max_eval)
-    run = train_task(
-        lm,
-        args.method,
-        data,
-        task_id,
-        cfg,
-        options,
-        out,
-        args.resume,
-        _chat(args.chat),
-        args.max_length,
-        SUPPORTED_DTYPES[args.export_dtype],
-        args.eval,
-        args.max_new_tokens,
+    run_cfg = TaskRunConfig(
+        method_name=args.method,
+        task_id=task_id,
+        train_cfg=cfg,
+        method_options=options,
+        out_dir=out,
+        resume=args.resume,
+        chat=_chat(args.chat),
+        max_length=args.max_length,
+        export_dtype=SUPPORTED_DTYPES[args.export_dtype],
+        run_eval=args.eval,
+        max_new_tokens=args.max_new_tokens,
     )
+    run = train_task(lm, data, run_cfg)
     if os.environ.get("RANK", "0") != "0":  # distributed run: rank 0 reports
         return 0
     summary: dict[str, Any] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,28 +53,34 @@ def load_split(
     return DataSplit(train_recs, eval_recs)
 
 
-def train_task(
-    lm: LoadedModel,
-    method_name: str,
-    data: DataSplit,
-    task_id: str,
-    train_cfg: TrainConfig,
-    method_options: dict[str, Any] | None = None,
-    out_dir: str | Path | None = None,
-    resume: bool = False,
-    chat: bool | None = None,
-    max_length: int = 512,
-    export_dtype: torch.dtype = torch.float32,
-    run_eval: bool = False,
-    max_new_tokens: int | None = None,
-) -> TaskRun:
+@dataclass(frozen=True)
+class TaskRunConfig:
+    """What one run trains and how: the method (and its options), the task id, the loop's settings, where
+    to save, and what to do after training (export dtype, evaluation)."""
+
+    method_name: str
+    task_id: str
+    train_cfg: TrainConfig
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    out_dir: str | Path | None = None
+    resume: bool = False
+    chat: bool | None = None  # None: the chat template when the tokenizer has one
+    max_length: int = 512
+    export_dtype: torch.dtype = torch.float32
+    run_eval: bool = False
+    max_new_tokens: int | None = None
+
+
+def train_task(lm: LoadedModel, data: DataSplit, cfg: TaskRunConfig) -> TaskRun:
     """Train one method on one task; saves `artifact.safetensors` (+ log, loss curve, eval) under out_dir."""
-    examples = tokenize(data.train, lm.tokenizer, chat=chat, max_length=max_length)
-    method = build(method_name, lm.model, lm.tokenizer, **(method_options or {}))
-    result = train(method, lm.model, examples, train_cfg, pad_token_id(lm.tokenizer), out_dir, resume)
+    chat, out_dir = cfg.chat, cfg.out_dir
+    examples = tokenize(data.train, lm.tokenizer, chat=chat, max_length=cfg.max_length)
+    method = build(cfg.method_name, lm.model, lm.tokenizer, **cfg.method_options)
+    pad = pad_token_id(lm.tokenizer)
+    result = train(method, lm.model, examples, cfg.train_cfg, pad, out_dir, cfg.resume)
     base = lm.fingerprint()
     artifact = method.export(
-        task_id, base, dtype=export_dtype, notes=f"trained by softserve-train ({method_name})"
+        cfg.task_id, base, dtype=cfg.export_dtype, notes=f"trained by softserve-train ({cfg.method_name})"
     )
     validate_artifact(artifact, base)
     run = TaskRun(method=method, artifact=artifact, result=result, data=data)
@@ -82,14 +88,14 @@ def train_task(
         return run
     if out_dir is not None:
         run.artifact_path = save(artifact, Path(out_dir) / ARTIFACT_NAME)
-    if run_eval and data.eval:
+    if cfg.run_eval and data.eval:
         run.evaluation = evaluate_artifact(
             lm.model,
             lm.tokenizer,
             artifact,
             data.eval,
             chat=chat,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=cfg.max_new_tokens,
             model_name=lm.name,
         )
         if out_dir is not None:

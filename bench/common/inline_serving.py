@@ -1,5 +1,5 @@
-"""The server's serving path in-process: a store, a ServingCache (watcher running) and an Engine wired as
-server/app.py's build_state does, with the engine stepped inline by the benchmark; runs and cache counters."""
+"""The server's serving path in-process: server/app.py's build_state (store, ServingCache with its watcher,
+Engine) with the engine stepped inline by the benchmark; runs and cache counters."""
 
 from __future__ import annotations
 
@@ -9,29 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.timing import Timers
-from prompt_store import Limits
-from prompt_store.backends import Store
-from prompt_store.cache import ServingCache
-from server.engine import Engine
-from server.model_runner import ModelRunner
 from server.requests import SamplingParams, TokenEvent
 from server.service import Prepared, prepare
-from server.settings import Settings
 from server.state import ServerState
-
-
-def build_serving(settings: Settings, runner: ModelRunner, store: Store) -> ServerState:
-    """server/app.py's build_state with the given runner and store, minus the engine thread (stepped here)."""
-    limits = Limits(max_virtual_tokens=settings.max_virtual_tokens, max_file_bytes=settings.max_body_bytes)
-    cache = ServingCache(store, runner.fingerprint, settings.cache_bytes, limits=limits)
-    cache.start_watch(settings.store_poll_interval)
-    engine = Engine(
-        runner,
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        prefix_cache_bytes=settings.prefix_cache_bytes,
-    )
-    return ServerState(settings=settings, runner=runner, engine=engine, store=store, cache=cache)
 
 
 async def _prepare_all(state: ServerState, reqs: list[tuple[str, list[int]]], n_new: int) -> list[Prepared]:

@@ -7,32 +7,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
+from server.dev_process import ServeProcess as DevServeProcess
+from server.dev_process import free_port, stop_process
 
-ROOT = Path(__file__).resolve().parents[2]
 STARTUP_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_process(proc: subprocess.Popen[bytes], wait_s: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within wait_s."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(wait_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 class RedisServer:
@@ -62,7 +43,7 @@ class RedisServer:
         stop_process(self.proc, 5)
 
 
-class ServeProcess:
+class ServeProcess(DevServeProcess):
     """`python -m server.cli serve` on a free loopback port, in its own session (Ctrl-C reaches only the
     benchmark, which stops it); output in a log file; no API or admin key. --device, --dtype, --model and
     --threads (OMP_NUM_THREADS) come from the benchmark's arguments, `env` adds settings."""
@@ -70,39 +51,16 @@ class ServeProcess:
     def __init__(
         self, args: argparse.Namespace, store: str, log_path: Path, env: dict[str, str] | None = None
     ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "SOFTSERVE_LOG_LEVEL": "WARNING", **(env or {})}
         for name in ("SOFTSERVE_ADMIN_KEY", "SOFTSERVE_API_KEY"):  # the benchmarks send no keys
             full_env.pop(name, None)
         if args.threads:  # torch in the server reads it at start-up
             full_env["OMP_NUM_THREADS"] = str(args.threads)
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--store", store, "--device", args.device, "--dtype", args.dtype]
+        flags = ["--store", store, "--device", args.device, "--dtype", args.dtype]
         if args.model:
-            cmd += ["--model", args.model]
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            flags += ["--model", args.model]
+        super().__init__(flags, full_env, log_path, startup_s=STARTUP_S, new_session=True)
 
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def wait_ready(self) -> None:
-        """Until GET /readyz answers 200; raises if the process exits or STARTUP_S pass."""
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {STARTUP_S:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        stop_process(self.proc, 15)
+    def stop(self, wait_s: float = 15.0) -> None:
+        """SIGTERM (the server drains), SIGKILL after wait_s."""
+        super().stop(wait_s)

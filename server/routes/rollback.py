@@ -8,6 +8,7 @@ SOFTSERVE_KEEP_VERSIONS can no longer be rolled back to.
 Without `version`, the content before the current one: the newest version older than the first version
 that holds the current content (sha256), whose content differs. So `1=A 2=B 3=C` rolls back to B (as 4),
 then to A (as 5), then refuses: a second rollback goes further back instead of undoing the first.
+The work is server/task_service.py's roll_back.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store import validate_task_id
-from prompt_store.backends import Store, TaskInfo
-from prompt_store.errors import NotFound
 from server.deps import AdminKey, StateDep
-from server.errors import BadRequest
-from server.routes.tasks import _task_response, store_artifact
+from server.routes.tasks import task_response
 from server.schemas import ERROR_RESPONSES, TaskResponse
-from server.state import ServerState
+from server.task_service import roll_back
 
 MAX_VERSION = 2**31 - 1
 
@@ -41,37 +39,6 @@ class RollbackResponse(TaskResponse):
     restored_version: int = Field(description="the version whose content the new version holds")
 
 
-def previous_content(store: Store, info: TaskInfo) -> int:
-    """The default target (see the module docstring); BadRequest when there is none."""
-    shas = {v: store.get(info.task_id, v).sha256 for v in info.versions if v != info.version}
-    first = min([v for v, sha in shas.items() if sha == info.sha256], default=info.version)
-    older = [v for v, sha in shas.items() if v < first and sha != info.sha256]
-    if not older:
-        raise BadRequest(
-            f"task {info.task_id!r} holds no older content than its current version {info.version} "
-            f"(versions held: {', '.join(str(v) for v in info.versions)})",
-            field="version",
-        )
-    return max(older)
-
-
-def target_version(store: Store, info: TaskInfo, requested: int | None) -> int:
-    if requested is None:
-        return previous_content(store, info)
-    if requested == info.version:
-        raise BadRequest(f"version {requested} of {info.task_id!r} is already current", field="version")
-    if requested not in info.versions:
-        held = ", ".join(str(v) for v in info.versions)
-        raise NotFound(f"task {info.task_id!r} has no version {requested} (versions held: {held})")
-    return requested
-
-
-def roll_back(state: ServerState, task_id: str, requested: int | None) -> tuple[TaskInfo, int]:
-    version = target_version(state.store, state.store.info(task_id), requested)
-    artifact = state.store.get(task_id, version)
-    return store_artifact(state, artifact, action=f"rollback to {version}"), version
-
-
 @router.post("/{task_id:taskpath}/rollback", status_code=201, dependencies=[AdminKey])
 async def rollback_task(
     task_id: str, state: StateDep, body: RollbackRequest | None = None
@@ -80,4 +47,4 @@ async def rollback_task(
     validate_task_id(task_id)
     requested = body.version if body is not None else None
     info, restored = await run_in_threadpool(roll_back, state, task_id, requested)
-    return RollbackResponse(**_task_response(info).model_dump(), restored_version=restored)
+    return RollbackResponse(**task_response(info).model_dump(), restored_version=restored)
