@@ -56,7 +56,7 @@ serve: $(STAMP)
 
 # Every serving benchmark (SmolLM2 on CPU here: about 12 min on 2 cores), then the summary table into the
 # README. Each script writes bench/results/<name>.md/.json/.png; pass BENCH_ARGS="--device cuda" on a GPU.
-BENCHES := serve_smoke vs_peft prefix_ttft hot_swap scale_tasks gist http_load
+BENCHES := serve_smoke vs_peft prefix_ttft hot_swap scale_tasks gist http_load detok
 BENCH_ARGS ?=
 bench: $(STAMP)
 	@for b in $(BENCHES); do \
