@@ -42,7 +42,7 @@ redis:  ## install Debian's redis-server if it is missing (tests start their own
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy server prompt_store training softserve_client
+	$(BIN)/mypy runtime server prompt_store training softserve_client
 
 format: $(STAMP)
 	$(BIN)/ruff format .

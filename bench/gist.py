@@ -1,7 +1,7 @@
 """Gist benchmark: prefill FLOPs and time to first token with the full instruction vs its gist artifact.
 
 Prints and writes bench/results/gist.md (+ .json) and a chart bench/results/gist.png. Three real task
-instructions (short, medium, long few-shot) are compressed with server/gist.py's `compress` into `gist`
+instructions (short, medium, long few-shot) are compressed with runtime/gist.py's `compress` into `gist`
 artifacts of k = 1, 2, 4 gist tokens. The gist embeddings are UNTRAINED (random init like the trainer's:
 mean vocabulary embedding + noise): cost does not depend on what the gists learned; their quality is measured
 in bench/methods.py. One request at a time through the in-process Engine (max_new_tokens=1, greedy), the same
@@ -46,9 +46,9 @@ from harness import (  # noqa: E402
 )
 
 from prompt_store import Artifact, make_artifact, parse_and_validate, to_bytes, to_serving_form  # noqa: E402
+from runtime.gist import compress, instruction_ids  # noqa: E402
+from runtime.model_runner import ModelRunner  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.gist import compress, instruction_ids  # noqa: E402
-from server.model_runner import ModelRunner  # noqa: E402
 from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent  # noqa: E402
 
 KS = (1, 2, 4)
@@ -296,7 +296,7 @@ def render(
         + ", ".join(f"{n} {len(v)} tokens" for n, v in instr_ids.items())
         + "; gist artifacts of k = "
         + ", ".join(map(str, KS))
-        + " made by server/gist.py `compress`",
+        + " made by runtime/gist.py `compress`",
         "- gist embeddings are **untrained** (random init as the trainer's): FLOPs, time and bytes do not "
         "depend on what the gists learned; first tokens of gist rows are therefore not meaningful (quality: "
         "bench/methods.py)",

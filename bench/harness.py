@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from server.model_runner import ModelRunner, load_model
+from runtime.model_runner import ModelRunner, load_model
 
 QUESTIONS = [
     "Name a color of the sky.",

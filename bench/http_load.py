@@ -50,7 +50,7 @@ from common.servers import ServeProcess  # noqa: E402
 from harness import QUESTIONS, RESULTS, add_device_args, write_report  # noqa: E402
 
 from prompt_store import Artifact, to_bytes  # noqa: E402
-from server.model_runner import load_model  # noqa: E402
+from runtime.model_runner import load_model  # noqa: E402
 
 GAUGES = ("softserve_batch_size ", "softserve_queue_depth ")
 COMPRESS_INSTRUCTION = "Reply like a pirate."

@@ -54,8 +54,8 @@ from prompt_store.artifact import make_artifact  # noqa: E402
 from prompt_store.backends import Store, open_store  # noqa: E402
 from prompt_store.types import Artifact, SoftPrompt  # noqa: E402
 from prompt_store.validation import to_serving_form  # noqa: E402
+from runtime.model_runner import ModelRunner  # noqa: E402
 from server.app import build_state  # noqa: E402
-from server.model_runner import ModelRunner  # noqa: E402
 from server.settings import Settings, redact_store  # noqa: E402
 from server.state import ServerState  # noqa: E402
 

@@ -40,8 +40,8 @@ from harness import (  # noqa: E402
 )
 
 from prompt_store import SoftPrompt  # noqa: E402
+from runtime.model_runner import ModelRunner  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.model_runner import ModelRunner  # noqa: E402
 from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent  # noqa: E402
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "gist", "accept")

@@ -15,12 +15,12 @@ from starlette.concurrency import run_in_threadpool
 from prompt_store import Limits
 from prompt_store.backends import Store, open_store, recover_at_start
 from prompt_store.cache import ServingCache
+from runtime.model_runner import ModelRunner, load_model
 from server.body_limit import BodyLimitMiddleware
 from server.deps import ApiKey, AuthGateMiddleware, KeyRefused
 from server.engine import Engine
 from server.errors import ServerError, install_error_handlers
 from server.metrics import CACHE_DEVICE_PREFIX, CACHE_SERVING_FORMS, Metrics
-from server.model_runner import ModelRunner, load_model
 from server.request_id import RequestIdMiddleware, internal_error
 from server.routes import generate, health, openai, rollback, tasks
 from server.settings import Settings, get_settings, redact_store

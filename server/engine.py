@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from prompt_store.lru import ByteLRU
-from server.batch_state import BatchState, Forward, PrefillItem, decode_rows, prefill_rows
+from runtime.batch_state import BatchState, Forward, PrefillItem, decode_rows, prefill_rows
+from runtime.model_runner import ModelRunner
 from server.memory import MemoryTrimmer
-from server.model_runner import ModelRunner
 from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefixes
 from server.requests import GenerationRequest, TaskPrompt, TokenEvent
 from server.rows import new_row

@@ -12,7 +12,7 @@ import torch
 
 from prompt_store import SoftPrompt
 from prompt_store.lru import ByteLRU
-from server.model_runner import ModelRunner
+from runtime.model_runner import ModelRunner
 from server.requests import TaskPrompt
 
 PrefixKey = tuple[str, int, str]

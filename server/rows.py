@@ -4,8 +4,8 @@ otherwise fail the whole prefill group runs here, so a request that cannot run f
 from __future__ import annotations
 
 from prompt_store.lru import ByteLRU
-from server.batch_state import PrefillItem
-from server.model_runner import ModelRunner
+from runtime.batch_state import PrefillItem
+from runtime.model_runner import ModelRunner
 from server.prefixes import DevicePrefix, PrefixKey, device_prefix
 from server.requests import GenerationRequest
 from server.sampling import RowSampler, TextStream

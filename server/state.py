@@ -13,8 +13,8 @@ from server.metrics import Metrics
 from server.settings import Settings
 
 if TYPE_CHECKING:
+    from runtime.model_runner import ModelRunner
     from server.engine import Engine
-    from server.model_runner import ModelRunner
 
 log = logging.getLogger("softserve.state")
 

@@ -13,8 +13,8 @@ import logging
 from prompt_store import Artifact, StoreError, check_servable, validate_artifact
 from prompt_store.backends import ChangeEvent, Store, TaskInfo
 from prompt_store.errors import NotFound
+from runtime.gist import compress
 from server.errors import BadRequest
-from server.gist import compress
 from server.schemas import CompressRequest
 from server.state import ServerState
 from server.uploads import Files, parse_upload

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from prompt_store import Fingerprint, make_artifact, to_bytes
 from prompt_store.backends import DiskStore, Store
+from runtime.model_runner import ModelRunner
 from server.app import create_app
-from server.model_runner import ModelRunner
 from server.settings import Settings
 
 VOCAB = 259  # tiny_tokenizer: 256 byte tokens + <pad>, <s>, </s>

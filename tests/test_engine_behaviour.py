@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_llama
 from engine_refs import IdTokenizer, random_ids, random_prompt, request, task
 
+from runtime.model_runner import ModelRunner
 from server.engine import Engine
-from server.model_runner import ModelRunner
 from server.requests import GenerationRequest, TokenEvent
 from server.sampling import TextStream
 from server.waiting import EngineStopped, QueueFull

@@ -28,8 +28,8 @@ from engine_refs import (
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from prompt_store import SoftPrompt
+from runtime.model_runner import ModelRunner
 from server.engine import Engine
-from server.model_runner import ModelRunner
 from server.requests import GenerationRequest, TokenEvent
 
 
@@ -253,7 +253,7 @@ def test_long_generation_grows_the_cache(llama: ModelRunner) -> None:
 
 
 def test_slack_layer_matches_plain_tensors() -> None:
-    from server.kv_cache import SlackLayer
+    from runtime.kv_cache import SlackLayer
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 3, 4, 5, generator=g), torch.randn(1, 3, 2, 5, generator=g)  # [B, Hkv, T, Dh]

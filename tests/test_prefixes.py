@@ -11,8 +11,8 @@ from conftest import tiny_llama
 from engine_refs import IdTokenizer, random_ids, random_prefix, random_prompt, request, task
 
 from prompt_store.lru import ByteLRU
+from runtime.model_runner import ModelRunner
 from server.engine import Engine
-from server.model_runner import ModelRunner
 from server.prefixes import device_prefixes
 
 

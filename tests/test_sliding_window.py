@@ -23,9 +23,9 @@ from test_engine_exactness import Case, check_cases
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from prompt_store import SoftPrompt
-from server.attention_mask import WindowMasks
+from runtime.attention_mask import WindowMasks
+from runtime.model_runner import ModelRunner
 from server.engine import Engine
-from server.model_runner import ModelRunner
 
 WINDOW = 8
 HYBRID = ["sliding_attention", "full_attention"]

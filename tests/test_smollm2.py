@@ -22,8 +22,8 @@ from engine_refs import (
 
 from prompt_store import SoftPrompt
 from prompt_store.embedded_model import default_cache_dir
+from runtime.model_runner import ModelRunner, load_model
 from server.engine import Engine
-from server.model_runner import ModelRunner, load_model
 from server.requests import GenerationRequest, TokenEvent
 
 pytestmark = pytest.mark.timeout(180)

@@ -8,7 +8,7 @@ import httpx
 import torch
 
 from prompt_store import Artifact, Fingerprint, SoftPrompt, make_artifact, to_bytes
-from server.model_runner import ModelRunner, load_model
+from runtime.model_runner import ModelRunner, load_model
 
 GIST_INSTRUCTION = "Answer in one short sentence, in French."
 

@@ -10,7 +10,7 @@ from typing import Any
 from harness import Goal, hardware_line, savefig
 
 from common.stats import quantile
-from server.model_runner import ModelRunner
+from runtime.model_runner import ModelRunner
 
 MiB = 1024 * 1024
 

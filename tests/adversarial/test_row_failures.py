@@ -18,8 +18,8 @@ from conftest import tiny_llama
 from engine_refs import IdTokenizer, accept_prompt, random_ids, random_prompt, request, task
 
 from prompt_store import SoftPrompt
+from runtime.model_runner import ModelRunner
 from server.engine import Engine
-from server.model_runner import ModelRunner
 from server.requests import GenerationRequest, TokenEvent
 from server.sampling import NonFiniteLogits, sample_tokens
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from prompt_store import Artifact, SoftPrompt, ValidationError, make_artifact
-from server.model_runner import ModelRunner
+from runtime.model_runner import ModelRunner
 
 
 def instruction_ids(runner: ModelRunner, instruction: str) -> list[int]:

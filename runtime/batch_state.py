@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from server.kv_cache import SPARE_COLUMNS, SlackLayer, slack_cache
-from server.model_runner import KV, ModelRunner, layer_kv
+from runtime.kv_cache import SPARE_COLUMNS, SlackLayer, slack_cache
+from runtime.model_runner import KV, ModelRunner, layer_kv
 
 
 @dataclass

@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from prompt_store import Fingerprint, SoftPrompt
 from prompt_store.embedded_model import DEFAULT_MODEL_NAME, ensure_smollm2, is_default
 from prompt_store.types import SUPPORTED_DTYPES
-from server.attention_mask import WindowMasks
+from runtime.attention_mask import WindowMasks
 
 log = logging.getLogger("softserve.model")
 
@@ -155,7 +155,7 @@ class ModelRunner:
         """A DynamicCache, optionally filled with per-layer (keys, values) of shape [B, Hkv, T, Dh].
 
         Every layer keeps all its columns (sliding layers too: the window is applied by the mask, see
-        server/attention_mask.py), so a prefix longer than the window keeps all its keys and values.
+        runtime/attention_mask.py), so a prefix longer than the window keeps all its keys and values.
         """
         cache = DynamicCache(config=self.model.config)
         for i, existing in enumerate(cache.layers):

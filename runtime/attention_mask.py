@@ -1,6 +1,6 @@
 """Attention masks for sliding-window and hybrid (sliding + global) models over the engine's padded layout.
 
-The engine keeps every layer's full KV cache, left-padded per row (see server/batch_state.py), so a cache
+The engine keeps every layer's full KV cache, left-padded per row (see runtime/batch_state.py), so a cache
 column is not a token's place in its sequence. Hugging Face builds sliding masks on cache columns (a query at
 column q sees keys at columns k with q - window < k <= q, `masking_utils.sliding_window_overlay`), which for
 the reference (one unpadded row: [KV prefix][prompt][generated]) are the row's real columns counted from 0. So
