@@ -45,11 +45,18 @@ from harness import (  # noqa: E402
     write_report,
 )
 
-from prompt_store import Artifact, make_artifact, parse_and_validate, to_bytes, to_serving_form  # noqa: E402
+from prompt_store import (  # noqa: E402
+    Artifact,
+    TaskPrompt,  # noqa: E402
+    make_artifact,
+    parse_and_validate,
+    to_bytes,
+    to_serving_form,
+)
 from runtime.gist import compress, instruction_ids  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent  # noqa: E402
+from server.requests import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 
 KS = (1, 2, 4)
 INPUT = "The battery died after two days and nobody from support ever answered my emails."

@@ -38,10 +38,10 @@ from harness import (  # noqa: E402
     write_report,
 )
 
-from prompt_store import SoftPrompt  # noqa: E402
+from prompt_store import SoftPrompt, TaskPrompt  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent  # noqa: E402
+from server.requests import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 
 LENGTHS = (20, 100)
 QUESTION = "Explain photosynthesis in one sentence for a child who is eight years old."

@@ -39,10 +39,10 @@ from harness import (  # noqa: E402
     write_report,
 )
 
-from prompt_store import SoftPrompt  # noqa: E402
+from prompt_store import SoftPrompt, TaskPrompt  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent  # noqa: E402
+from server.requests import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "gist", "accept")
 GOAL = 0.9

@@ -50,11 +50,11 @@ from peft import (  # noqa: E402
     get_peft_model,
 )
 
-from prompt_store import to_serving_form  # noqa: E402
+from prompt_store import TaskPrompt, to_serving_form  # noqa: E402
 from prompt_store.peft_import import import_peft_adapter  # noqa: E402
 from runtime.model_runner import ModelRunner, load_model  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent  # noqa: E402
+from server.requests import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
 
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 

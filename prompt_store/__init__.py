@@ -22,7 +22,7 @@ from prompt_store.errors import (
 )
 from prompt_store.methods import METHODS, get_method
 from prompt_store.task_id import TASK_ID_PATTERN, validate_task_id
-from prompt_store.types import Artifact, Fingerprint, Limits, Manifest, SoftPrompt
+from prompt_store.types import Artifact, Fingerprint, Limits, Manifest, SoftPrompt, TaskKey, TaskPrompt
 from prompt_store.validation import check_servable, parse_and_validate, to_serving_form, validate_artifact
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "Manifest",
     "NotFound",
     "SoftPrompt",
+    "TaskKey",
+    "TaskPrompt",
     "StoreError",
     "StoreUnavailable",
     "TooLarge",

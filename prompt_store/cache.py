@@ -20,35 +20,23 @@ from prompt_store.backends.base import ChangeEvent, Store
 from prompt_store.errors import NotFound, StoreError
 from prompt_store.lru import ByteLRU
 from prompt_store.task_id import validate_task_id
-from prompt_store.types import SUPPORTED_DTYPES, Artifact, Fingerprint, Limits, SoftPrompt
+from prompt_store.types import SUPPORTED_DTYPES, Artifact, Fingerprint, Limits, TaskKey, TaskPrompt
 from prompt_store.validation import to_serving_form, validate_artifact
 
 log = logging.getLogger(__name__)
 
-# (task_id, version, sha256)
-CacheKey = tuple[str, int, str]
-
-
-@dataclass(frozen=True)
-class _Served:
-    prompt: SoftPrompt
-    method: str
-
 
 @dataclass(eq=False)
 class Lease:
-    """One pinned serving form; release it (or leave the `with` block) when the request is done."""
+    """A pin on one task version's `TaskPrompt` in the cache; release it (or leave the `with` block) when the
+    request is done."""
 
-    task_id: str
-    version: int
-    sha256: str
-    method: str
-    prompt: SoftPrompt
-    _release: Callable[[CacheKey], None] | None = field(default=None, repr=False)
+    task: TaskPrompt
+    _release: Callable[[TaskKey], None] | None = field(default=None, repr=False)
 
     @property
-    def key(self) -> CacheKey:
-        return (self.task_id, self.version, self.sha256)
+    def key(self) -> TaskKey:
+        return self.task.key
 
     def release(self) -> None:
         """Unpin the entry; later calls do nothing."""
@@ -84,7 +72,7 @@ class ServingCache:
         self.limits = limits or Limits()
         self.device = device
         self.dtype = dtype
-        self._lru: ByteLRU[CacheKey, _Served] = ByteLRU(max_bytes)
+        self._lru: ByteLRU[TaskKey, TaskPrompt] = ByteLRU(max_bytes)
         self._current: dict[str, tuple[int, str | None]] = {}  # task -> (version, sha256 if known)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -95,7 +83,7 @@ class ServingCache:
     # ---- counters ----------------------------------------------------------------------------------------
 
     @property
-    def lru(self) -> ByteLRU[CacheKey, _Served]:
+    def lru(self) -> ByteLRU[TaskKey, TaskPrompt]:
         """The underlying LRU (read its counters; do not modify it)."""
         return self._lru
 
@@ -130,7 +118,7 @@ class ServingCache:
             "tasks": tasks,
         }
 
-    def resident_keys(self) -> list[CacheKey]:
+    def resident_keys(self) -> list[TaskKey]:
         """Resident entries, least recently used first."""
         return self._lru.keys()
 
@@ -158,8 +146,8 @@ class ServingCache:
             self._replace_memo(task_id, ref, None)  # deleted (maybe re-created) and no event reached us
             ref = self._resolve(task_id)
             lease = self._lease(task_id, *ref)
-        if ref != (lease.version, lease.sha256):
-            self._replace_memo(task_id, ref, (lease.version, lease.sha256))  # now the sha is known
+        if ref != (lease.task.version, lease.task.sha256):
+            self._replace_memo(task_id, ref, (lease.task.version, lease.task.sha256))  # now the sha is known
         return lease
 
     def _resolve(self, task_id: str) -> tuple[int, str | None]:
@@ -193,26 +181,27 @@ class ServingCache:
         key = (task_id, version, sha256)
         served = self._lru.get(key, pin=True)
         if served is not None:
-            return self._make_lease(key, served)
+            return self._make_lease(served)
         if artifact is None:
             artifact = self.store.get(task_id, version)
         key = (task_id, artifact.version, artifact.sha256)  # the memo's sha may be stale (re-created task)
         served = self._convert(artifact)
         resident = self._lru.put(key, served, served.prompt.nbytes(), pin=True)
-        return self._make_lease(key, resident)
+        return self._make_lease(resident)
 
-    def _convert(self, artifact: Artifact) -> _Served:
+    def _convert(self, artifact: Artifact) -> TaskPrompt:
         """Validate against the base model and build the serving form (on the target device)."""
         validate_artifact(artifact, self.base, self.limits)
         prompt = to_serving_form(artifact)
         if self.device is not None or self.dtype is not None:
             dtype = self.dtype or SUPPORTED_DTYPES[artifact.manifest.dtype]
             prompt = prompt.to(self.device or "cpu", dtype)
-        return _Served(prompt=prompt, method=artifact.manifest.method)
+        return TaskPrompt(
+            artifact.task_id, artifact.version, artifact.sha256, artifact.manifest.method, prompt
+        )
 
-    def _make_lease(self, key: CacheKey, served: _Served) -> Lease:
-        task_id, version, sha256 = key
-        return Lease(task_id, version, sha256, served.method, served.prompt, _release=self._lru.unpin)
+    def _make_lease(self, task: TaskPrompt) -> Lease:
+        return Lease(task, _release=self._lru.unpin)
 
     # ---- change events -----------------------------------------------------------------------------------
 

@@ -203,3 +203,22 @@ class SoftPrompt:
             next_position=self.next_position,
             added=move(self.added),
         )
+
+
+TaskKey = tuple[str, int, str]  # (task_id, version, sha256): one task version, in every cache
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    """One task version's serving form and its identity: what the serving cache holds, a `Lease` pins, a
+    request carries and the engine turns into a device prefix (keyed by `key`)."""
+
+    task_id: str
+    version: int
+    sha256: str
+    method: str
+    prompt: SoftPrompt
+
+    @property
+    def key(self) -> TaskKey:
+        return (self.task_id, self.version, self.sha256)

@@ -54,20 +54,22 @@ class WindowMasks:
     def needed(config: Any) -> bool:
         return getattr(config, "sliding_window", None) is not None and SLIDING in layer_types(config)
 
-    def build(self, mask: torch.Tensor, n: int) -> torch.Tensor | dict[str, torch.Tensor]:
-        """mask [B, K] (1 on real columns; the last n are the queries) -> 4D mask(s) [B, 1, n, K]."""
+    def build(
+        self, mask: torch.Tensor, n: int, query_cols: torch.Tensor | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """mask [B, K] (1 on real columns) -> 4D mask(s) [B, 1, n, K]; the queries are the last n columns,
+        or columns `query_cols` [B, n] of each row (the slot layout: a row's new token sits at its length)."""
         width = mask.shape[1]
         real = mask.bool()  # [B, K]
         rank = mask.long().cumsum(1) - 1  # [B, K]: index among the row's real columns
-        q_rank = rank[:, width - n :, None]  # [B, n, 1]
+        if query_cols is None:
+            query_cols = torch.arange(width - n, width, device=mask.device)[None].expand(mask.shape[0], -1)
+        q_rank = rank.gather(1, query_cols)[:, :, None]  # [B, n, 1]
         k_rank = rank[:, None, :]  # [B, 1, K]
         # A padding query sees itself, so no softmax row is empty (its output is never attended to).
-        own = (
-            torch.arange(width, device=mask.device)[None, :]
-            == torch.arange(width - n, width, device=mask.device)[:, None]
-        )  # [n, K]
-        causal = (real[:, None, :] & (k_rank <= q_rank)) | own[None]  # [B, n, K]
-        sliding = (causal & (k_rank > q_rank - self.window)) | own[None]  # [B, n, K]
+        own = torch.arange(width, device=mask.device)[None, None, :] == query_cols[:, :, None]  # [B, n, K]
+        causal = (real[:, None, :] & (k_rank <= q_rank)) | own  # [B, n, K]
+        sliding = (causal & (k_rank > q_rank - self.window)) | own  # [B, n, K]
         masks = {FULL: causal, SLIDING: sliding}
         out = {kind: self._format(masks[kind][:, None]) for kind in self.kinds}  # [B, 1, n, K] each
         return out if self.as_dict else out[SLIDING]

@@ -1,26 +1,28 @@
-"""The running batch as tensors: a left-padded KV cache, its attention mask and each row's next position.
+"""The running batch as tensors: KV slots, each row's next position, and the prefill/decode that run on them.
 
-Layout of one row (columns of the cache, left to right):
-    [pad ...][KV prefix (m)][pad ...][prompt tokens (n)][generated tokens ...]
-The attention mask is 1 exactly on the prefix, prompt and generated columns; position ids are explicit per row
-(the prompt continues at the prefix's `next_position`), so padding never shifts a row's positions.
+New rows are prefilled together in a forward of their own (`prefill_forward`: KV prefixes right-aligned,
+prompts left-padded among the new rows only), then each row's real columns are gathered into its slot
+(`BatchState.admit`): [KV prefix (m)][prompt (n)], left-aligned. A decode step feeds every live row its last
+token (`decode_one_token`): each row writes one column at its own length and attends to its own columns.
+Position ids are explicit per row (the prompt continues at the prefix's `next_position`), so a row's layout
+never shifts its positions.
 
 A failed forward shared by several rows is retried once for each row alone (`prefill_rows`, `decode_rows`),
-so a failure that belongs to one row (its input, or memory for the whole batch) is attributed to it.
+so a failure that belongs to one row (its input, or memory for the whole batch) is attributed to it; a row
+decoding alone rewrites only its own column, so no copy of the batch is needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
-from runtime.kv_cache import SPARE_COLUMNS, SlackLayer, slack_cache
-from runtime.model_runner import KV, ModelRunner, layer_kv
+from runtime.kv_cache import SlackLayer, slack_cache
+from runtime.kv_slots import KVSlots
+from runtime.model_runner import ModelRunner, layer_kv
 
 
 @dataclass
@@ -37,75 +39,71 @@ class PrefillItem:
     def prefix_len(self) -> int:
         return int(self.keys.shape[2])
 
+    @property
+    def length(self) -> int:
+        """KV columns the row holds after its prefill (prefix + prompt)."""
+        return self.prefix_len + len(self.ids)
 
-def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zero-pad `t` on the left of `dim` up to `length`."""
-    missing = length - t.shape[dim]
-    if missing <= 0:
-        return t
-    pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
-    return F.pad(t, pad)
+
+@dataclass
+class Prefilled:
+    """New rows after their prefill forward: the forward's cache (per layer [G, Hkv, M + N, Dh], prefixes
+    right-aligned in M columns, prompts in the last N) and what each row needs in its slot."""
+
+    cache: DynamicCache
+    prefix_lens: list[int]  # m_g
+    prompt_lens: list[int]  # n_g
+    prefix_width: int  # M
+    next_positions: list[int]  # position id of each row's next input token
 
 
 class BatchState:
-    """Running rows: KV cache (per layer [B, Hkv, T, Dh]), attention mask [B, T], next positions [B]."""
+    """Live rows in KV slots (`kv`) and the position id of each row's next input token (`positions`)."""
 
-    def __init__(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        self.cache = cache  # layers are SlackLayers: decode steps append in place
-        self.mask = mask  # [B, T] long
-        self.positions = positions  # [B] long: position id of each row's next input token
+    def __init__(self, runner: ModelRunner, slots: int, capacity: int, growable: bool = False) -> None:
+        layers = len(DynamicCache(config=runner.model.config).layers)
+        shape = (runner.num_kv_heads, runner.head_dim)
+        self.kv = KVSlots(layers, shape, slots, capacity, runner.dtype, runner.device)
+        self.positions: list[int] = []
+        self.growable = growable  # standalone batches grow their columns; the engine's never do
 
     @property
     def size(self) -> int:
-        return int(self.mask.shape[0])
+        return self.kv.size
 
     @property
-    def length(self) -> int:
-        return int(self.mask.shape[1])
+    def lengths(self) -> list[int]:
+        return self.kv.lengths
 
-    def layers(self) -> list[KV]:
-        """Per-layer (keys, values), each [B, Hkv, T, Dh]."""
-        return [layer_kv(self.cache, i) for i in range(len(self.cache.layers))]
+    def admit(self, new: Prefilled, keep: list[int]) -> None:
+        """Gather rows `keep` of `new` (their prefix and prompt columns only) into the next free slots."""
+        prefix_lens = [new.prefix_lens[g] for g in keep]
+        prompt_lens = [new.prompt_lens[g] for g in keep]
+        widths = [m + n for m, n in zip(prefix_lens, prompt_lens, strict=True)]
+        span = max(widths)
+        M = new.prefix_width
+        layers = [layer_kv(new.cache, i) for i in range(len(new.cache.layers))]  # [G, Hkv, M + N, Dh] each
+        keys0 = layers[0][0]
+        total = int(keys0.shape[2])  # M + N
+        index = torch.zeros(len(keep), span, dtype=torch.long)  # [G', Lmax]: source column of each column
+        for g, (m, n) in enumerate(zip(prefix_lens, prompt_lens, strict=True)):
+            index[g, :m] = torch.arange(M - m, M)  # [m]
+            index[g, m : m + n] = torch.arange(total - n, total)  # [n]
+        index = index.to(keys0.device)[:, None, :, None].expand(-1, keys0.shape[1], -1, keys0.shape[3])
+        # index [G', Hkv, Lmax, Dh]
+        if len(keep) < int(keys0.shape[0]):
+            rows = torch.tensor(keep, dtype=torch.long, device=keys0.device)  # [G']
+            layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layers]  # [G', ...] each
+        if self.growable and span > self.kv.capacity:
+            self.kv.grow(span)
+        self.kv.write_rows(layers, index, widths)
+        self.positions.extend(new.next_positions[g] for g in keep)
 
-    def select(self, keep: list[int]) -> None:
-        """Keep only rows `keep` (in that order)."""
-        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)  # [B']
-        for i, (keys, values) in enumerate(self.layers()):
-            kept_k, kept_v = keys.index_select(0, idx), values.index_select(0, idx)  # [B', Hkv, T, Dh] each
-            self.cache.layers[i] = SlackLayer.right_aligned([kept_k], [kept_v], self.length)
-        self.mask = self.mask.index_select(0, idx)  # [B', T]
-        self.positions = self.positions.index_select(0, idx)  # [B']
-
-    def row(self, i: int, model_config: Any) -> BatchState:
-        """A copy of row i alone, as of the last completed step: the first `length` live columns of every
-        layer (a forward that failed midway may have appended a column to some layers; it is left out)."""
-        t = self.length
-        layers = [
-            SlackLayer.right_aligned([k[i : i + 1, :, :t]], [v[i : i + 1, :, :t]], t)  # [1, Hkv, T, Dh] each
-            for k, v in self.layers()
-        ]
-        mask = self.mask[i : i + 1].clone()  # [1, T]
-        positions = self.positions[i : i + 1].clone()  # [1]
-        return BatchState(slack_cache(model_config, layers), mask, positions)
-
-    def trim(self) -> None:
-        """Drop leading columns that are padding in every row (a view change, no copy)."""
-        used = self.mask.any(dim=0)  # [T]
-        first = int(torch.argmax(used.to(torch.int8))) if bool(used.any()) else self.length
-        if first == 0:
-            return
-        for layer in self.cache.layers:
-            assert isinstance(layer, SlackLayer)
-            layer.drop_front(first)  # keys/values [B, Hkv, T - first, Dh]
-        self.mask = self.mask[:, first:]  # [B, T - first]
-
-    def merge(self, other: BatchState) -> None:
-        """Append `other`'s rows after this batch's rows, left-padding both to a common length."""
-        length = max(self.length, other.length)
-        for i, ((k1, v1), (k2, v2)) in enumerate(zip(self.layers(), other.layers(), strict=True)):
-            self.cache.layers[i] = SlackLayer.right_aligned([k1, k2], [v1, v2], length)  # [B+G, Hkv, T, Dh]
-        self.mask = torch.cat([left_pad(self.mask, length, 1), left_pad(other.mask, length, 1)])  # [B+G, T]
-        self.positions = torch.cat([self.positions, other.positions])  # [B+G]
+    def retire(self, finished: set[int]) -> list[int]:
+        """Free rows `finished`; returns for each remaining row (new order) the row index it had before."""
+        source = self.kv.retire(finished)
+        self.positions = [self.positions[s] for s in source]
+        return source
 
 
 def _padded_prefix(runner: ModelRunner, items: list[PrefillItem], width: int, spare: int) -> DynamicCache:
@@ -133,12 +131,12 @@ def _prompt_embeds(runner: ModelRunner, items: list[PrefillItem], width: int) ->
 
 
 @torch.inference_mode()
-def prefill(runner: ModelRunner, items: list[PrefillItem]) -> tuple[BatchState, torch.Tensor]:
-    """Run new rows (KV prefix + prompt) in one forward; returns their state and last logits [G, V]."""
+def prefill_forward(runner: ModelRunner, items: list[PrefillItem]) -> tuple[Prefilled, torch.Tensor]:
+    """Run new rows (KV prefix + prompt) in one forward of their own; returns them and last logits [G, V]."""
     device = runner.device
     prefix_width = max(it.prefix_len for it in items)  # M
     width = max(len(it.ids) for it in items)  # N
-    cache = _padded_prefix(runner, items, prefix_width, spare=width + SPARE_COLUMNS)
+    cache = _padded_prefix(runner, items, prefix_width, spare=width)
     embeds = _prompt_embeds(runner, items, width)  # [G, N, d]
     mask = torch.zeros(len(items), prefix_width + width, dtype=torch.long)  # [G, M + N]
     positions = torch.zeros(len(items), width, dtype=torch.long)  # [G, N]
@@ -147,36 +145,67 @@ def prefill(runner: ModelRunner, items: list[PrefillItem]) -> tuple[BatchState, 
         mask[b, prefix_width - it.prefix_len : prefix_width] = 1
         mask[b, prefix_width + width - n :] = 1
         positions[b, width - n :] = torch.arange(it.next_position, it.next_position + n)  # [n]
-    mask, positions = mask.to(device), positions.to(device)
-    logits = runner.forward(embeds, mask, positions, cache)  # [G, V]
-    next_positions = positions[:, -1] + 1  # [G]
-    return BatchState(cache, mask, next_positions), logits
+    logits = runner.forward(embeds, mask.to(device), positions.to(device), cache)  # [G, V]
+    new = Prefilled(
+        cache,
+        [it.prefix_len for it in items],
+        [len(it.ids) for it in items],
+        prefix_width,
+        [it.next_position + len(it.ids) for it in items],
+    )
+    return new, logits
 
 
 @torch.inference_mode()
-def decode_one_token(runner: ModelRunner, state: BatchState, tokens: list[int]) -> torch.Tensor:
-    """Feed each row's last token; extends the state by one column and returns logits [B, V]."""
+def prefill(
+    runner: ModelRunner, items: list[PrefillItem], capacity: int | None = None
+) -> tuple[BatchState, torch.Tensor]:
+    """New rows in a standalone batch of their own (slots that grow as the rows do); logits [G, V]."""
+    new, logits = prefill_forward(runner, items)
+    width = max(it.length for it in items)
+    state = BatchState(runner, len(items), capacity or width + 64, growable=True)
+    state.admit(new, list(range(len(items))))
+    return state, logits
+
+
+@torch.inference_mode()
+def decode_one_token(
+    runner: ModelRunner, state: BatchState, tokens: list[int], rows: slice | None = None
+) -> torch.Tensor:
+    """Feed each live row (or rows `rows`) its last token: one column per row; returns logits [B, V]."""
+    rows = rows or slice(0, state.size)
+    lengths = state.lengths[rows]
+    width = max(lengths) + 1  # W: columns read by this step
+    if width > state.kv.capacity:
+        if not state.growable:
+            raise ValueError(f"a row of {width} columns does not fit the slot capacity {state.kv.capacity}")
+        state.kv.grow(max(width, 2 * state.kv.capacity))
+    state.kv.ensure_clean(width)
     device = runner.device
+    cols = torch.tensor(lengths, dtype=torch.long, device=device)  # [B]
     ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]  # [B, 1]
     embeds = runner.embed(ids)  # [B, 1, d]
-    ones = torch.ones(state.size, 1, dtype=torch.long, device=device)  # [B, 1]
-    mask = torch.cat([state.mask, ones], dim=1)  # [B, T + 1]
-    logits = runner.forward(embeds, mask, state.positions[:, None], state.cache)  # [B, V]
-    state.mask = mask
-    state.positions = state.positions + 1  # [B]
+    mask = (torch.arange(width, device=device)[None, :] <= cols[:, None]).long()  # [B, W]
+    positions = torch.tensor(state.positions[rows], dtype=torch.long, device=device)[:, None]  # [B, 1]
+    cache = state.kv.decode_cache(runner.model.config, rows, cols)
+    logits = runner.forward(embeds, mask, positions, cache, query_cols=cols[:, None])  # [B, V]
+    for b in range(rows.start, rows.stop):
+        state.kv.lengths[b] += 1
+        state.positions[b] += 1
     return logits
 
 
 @dataclass
 class Forward:
     """A forward over some rows, every failure attributed: the rows that ran (`ran`, indices into the input
-    rows, in order) with their state and last logits [len(ran), V], and the rows whose forward failed."""
+    rows, in order) with their last logits [len(ran), V], and the rows whose forward failed. A prefill also
+    gives the new rows' states (`parts`, in `ran` order)."""
 
-    state: BatchState | None
     logits: torch.Tensor | None  # [len(ran), V]
     ran: list[int]
     failed: dict[int, Exception]  # row index -> the failure of its own forward
     shared_error: Exception | None = None  # the failed forward of all rows together, if any
+    parts: list[tuple[Prefilled, int]] | None = None  # prefill: each ran row's forward and its index there
 
     @property
     def errors(self) -> int:
@@ -187,48 +216,54 @@ class Forward:
 def prefill_rows(runner: ModelRunner, items: list[PrefillItem]) -> Forward:
     """New rows in one forward; if it fails and there are several, each row is prefilled alone once."""
     try:
-        state, logits = prefill(runner, items)  # logits [G, V]
-        return Forward(state, logits, list(range(len(items))), {})
+        new, logits = prefill_forward(runner, items)  # logits [G, V]
+        return Forward(logits, list(range(len(items))), {}, parts=[(new, g) for g in range(len(items))])
     except Exception as exc:
         if len(items) == 1:
-            return Forward(None, None, [], {0: exc})
-        return _each_alone(len(items), lambda i: prefill(runner, [items[i]]), exc)
+            return Forward(None, [], {0: exc})
+        shared = exc
+    parts: list[tuple[Prefilled, int]] = []
+
+    def alone(i: int) -> torch.Tensor:
+        new, logits = prefill_forward(runner, [items[i]])  # [1, V]
+        parts.append((new, 0))
+        return logits
+
+    out = _each_alone(len(items), alone, shared)
+    out.parts = parts
+    return out
 
 
 def decode_rows(runner: ModelRunner, state: BatchState, tokens: list[int]) -> Forward:
-    """One decode step of every row; if the shared forward fails, each row decodes once alone from its own
-    copy of the cache as of the last completed step (the failed forward may have written some layers)."""
+    """One decode step of every row; if the shared forward fails, each row decodes once alone (its own
+    column is written again, whatever the failed forward left there). Rows that fail keep their length."""
+    lengths, positions = list(state.kv.lengths), list(state.positions)
     try:
         logits = decode_one_token(runner, state, tokens)  # [B, V]
-        return Forward(state, logits, list(range(len(tokens))), {})
+        return Forward(logits, list(range(len(tokens))), {})
     except Exception as exc:
+        state.kv.lengths[:], state.positions[:] = lengths, positions
         if len(tokens) == 1:
-            return Forward(None, None, [], {0: exc})
+            return Forward(None, [], {0: exc})
         shared = exc
 
-    def alone(i: int) -> tuple[BatchState, torch.Tensor]:
-        single = state.row(i, runner.model.config)
-        return single, decode_one_token(runner, single, [tokens[i]])  # [1, V]
+    def alone(i: int) -> torch.Tensor:
+        return decode_one_token(runner, state, [tokens[i]], rows=slice(i, i + 1))  # [1, V]
 
     return _each_alone(len(tokens), alone, shared)
 
 
-def _each_alone(n: int, run: Callable[[int], tuple[BatchState, torch.Tensor]], shared: Exception) -> Forward:
-    """Rows 0..n-1 each in a forward of its own; the ones that ran merged into one state, in order."""
-    merged: BatchState | None = None
+def _each_alone(n: int, run: Callable[[int], torch.Tensor], shared: Exception) -> Forward:
+    """Rows 0..n-1 each in a forward of its own."""
     ran: list[int] = []
     logits: list[torch.Tensor] = []
     failed: dict[int, Exception] = {}
     for i in range(n):
         try:
-            state, out = run(i)  # out [1, V]
+            out = run(i)  # [1, V]
         except Exception as exc:
             failed[i] = exc
             continue
-        if merged is None:
-            merged = state
-        else:
-            merged.merge(state)
         ran.append(i)
         logits.append(out)
-    return Forward(merged, torch.cat(logits) if logits else None, ran, failed, shared)  # logits [B', V]
+    return Forward(torch.cat(logits) if logits else None, ran, failed, shared)  # logits [B', V]

@@ -33,34 +33,52 @@ def layer_kv(cache: DynamicCache, i: int) -> KV:
     return layer.keys, layer.values
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """ "auto" -> CUDA when available, else CPU; anything else as torch spells it."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "auto") -> torch.dtype:
+    """The weights' dtype: "auto" is bfloat16 on CUDA and float32 elsewhere; a named dtype overrides it."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
     try:
         return SUPPORTED_DTYPES[dtype]
     except KeyError:
         raise ValueError(
-            f"dtype {dtype!r} is not supported (use one of {sorted(SUPPORTED_DTYPES)})"
+            f"dtype {dtype!r} is not supported (use auto or one of {sorted(SUPPORTED_DTYPES)})"
         ) from None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set to a true value (1/true/yes/on, any case): hub names resolve from the local cache
+    only. The one rule for server and training alike."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def load_model(
     name_or_path: str | None,
-    dtype: str = "float32",
-    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
     cache_dir: Path | None = None,
     local_files_only: bool | None = None,
 ) -> ModelRunner:
-    """Load the embedded SmolLM2 (`None` or "smollm2") or any Hugging Face causal LM name / local path."""
+    """Load the embedded SmolLM2 (`None` or "smollm2") or any Hugging Face causal LM name / local path.
+
+    The weights are created directly on `device` in `dtype` (see `resolve_dtype`), never staged on the host.
+    A local folder, the embedded model and HF_HUB_OFFLINE read local files only; otherwise a hub name may
+    download.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     if is_default(name_or_path):
         path: str | Path = ensure_smollm2(cache_dir)
         name = DEFAULT_MODEL_NAME
@@ -68,13 +86,24 @@ def load_model(
     else:
         path = name = str(name_or_path)
         if local_files_only is None:
-            local_files_only = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            local_files_only = Path(path).is_dir() or hub_offline()
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, device_map=torch_device, local_files_only=local_files_only
+    )
     runner = ModelRunner(model, tokenizer, name, device=torch_device, dtype=torch_dtype)
     log.info("loaded model %s (%s, %s) in %.2f s", name, torch_dtype, torch_device, time.monotonic() - t0)
     return runner
+
+
+def stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids: the (text) config's, the generation config's and the tokenizer's, together."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    ids = _as_int_set(getattr(config, "eos_token_id", None))
+    ids |= _as_int_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    ids |= _as_int_set(getattr(tokenizer, "eos_token_id", None))
+    return ids
 
 
 def _as_int_set(value: Any) -> set[int]:
@@ -112,7 +141,7 @@ class ModelRunner:
         self.num_kv_heads = self.fingerprint.num_kv_heads
         self.head_dim = self.fingerprint.head_dim
         self.hidden_size = self.fingerprint.hidden_size
-        self.eos_ids = frozenset(eos_ids if eos_ids is not None else self._find_eos_ids())
+        self.eos_ids = frozenset(eos_ids if eos_ids is not None else stop_ids(self.model, tokenizer))
         self.pad_id = self._find_pad_id()
         self.max_context = self._find_max_context()
         self.window_masks = (
@@ -125,13 +154,6 @@ class ModelRunner:
     def from_model(cls, model: Any, tokenizer: Any, name: str, **kwargs: Any) -> ModelRunner:
         """Wrap an already built model (tests: tiny models from a config; tokenizer used for decode only)."""
         return cls(model, tokenizer, name, **kwargs)
-
-    def _find_eos_ids(self) -> set[int]:
-        ids = _as_int_set(getattr(self.config, "eos_token_id", None))
-        gen = getattr(self.model, "generation_config", None)
-        ids |= _as_int_set(getattr(gen, "eos_token_id", None))
-        ids |= _as_int_set(getattr(self.tokenizer, "eos_token_id", None))
-        return ids
 
     def _find_pad_id(self) -> int:
         for candidate in (
@@ -166,12 +188,15 @@ class ModelRunner:
             layer.update(keys, values)  # [B, Hkv, T, Dh] each
         return cache
 
-    def attention_mask(self, mask: torch.Tensor, n: int) -> torch.Tensor | dict[str, torch.Tensor]:
-        """The model's `attention_mask` for a 2D mask [B, K] whose last n columns are the queries: the 2D
-        mask itself, or per-layer-type 4D masks [B, 1, n, K] where some layers have a sliding window."""
+    def attention_mask(
+        self, mask: torch.Tensor, n: int, query_cols: torch.Tensor | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The model's `attention_mask` for a 2D mask [B, K] whose queries are the last n columns (or columns
+        `query_cols` [B, n] of each row): the 2D mask itself, or per-layer-type 4D masks [B, 1, n, K] where
+        some layers have a sliding window."""
         if self.window_masks is None:
             return mask
-        return self.window_masks.build(mask, n)
+        return self.window_masks.build(mask, n, query_cols)
 
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -181,15 +206,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        query_cols: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One forward that extends `cache` in place; returns the last position's logits [B, V] (float32).
 
-        embeds [B, n, d]; mask [B, T + n] covering the cache's T columns and the n new ones; positions [B, n].
+        embeds [B, n, d]; mask [B, T + n] covering the cache's T columns and the n new ones; positions [B, n];
+        query_cols [B, n]: the column of each new token when it is not among the last n (the slot layout).
         """
         out = self.model(
             inputs_embeds=embeds,  # [B, n, d]
-            attention_mask=self.attention_mask(mask, embeds.shape[1]),  # [B, T + n] (or 4D, per layer type)
+            attention_mask=self.attention_mask(mask, embeds.shape[1], query_cols),  # [B, T + n] (or 4D)
             position_ids=positions,  # [B, n]
             cache=cache,
             use_cache=True,

@@ -50,6 +50,8 @@ def build_state(
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         prefix_cache_bytes=settings.prefix_cache_bytes,
+        row_capacity=settings.kv_row_tokens or settings.max_prompt_tokens + settings.max_new_tokens,
+        kv_cache_bytes=settings.kv_cache_bytes,
     )
     if start_engine:
         engine.start()

@@ -26,17 +26,21 @@ from typing import Any
 
 import torch
 
+from prompt_store import TaskKey, TaskPrompt
 from prompt_store.lru import ByteLRU
 from runtime.batch_state import BatchState, Forward, PrefillItem, decode_rows, prefill_rows
+from runtime.kv_slots import token_bytes
 from runtime.model_runner import ModelRunner
 from server.memory import MemoryTrimmer
-from server.prefixes import DevicePrefix, PrefixKey, bare_prefix, device_prefixes
-from server.requests import GenerationRequest, TaskPrompt, TokenEvent
+from server.prefixes import DevicePrefix, bare_prefix, device_prefixes
+from server.requests import GenerationRequest, TokenEvent
 from server.rows import new_row
 from server.sampling import RowSampler, Sampled, TextStream, sample_batch
 from server.waiting import Deliver, Pending, WaitingQueue, leave_reason
 
 log = logging.getLogger("softserve.engine")
+
+DEFAULT_ROW_TOKENS = 2048 + 512  # the server's default max_prompt_tokens + max_new_tokens
 
 
 @dataclass
@@ -47,6 +51,7 @@ class _Row:
     stream: TextStream
     sampler: RowSampler  # params, generator, penalty counts
     next_pos: int  # position id the next fed token gets
+    columns: int  # KV columns the row holds once its last sampled token is fed
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
 
@@ -62,16 +67,30 @@ class Engine:
         max_batch_size: int = 32,
         max_queue: int = 256,
         prefix_cache_bytes: int = 256 * 1024 * 1024,
+        row_capacity: int | None = None,
+        kv_cache_bytes: int | None = None,
     ) -> None:
         self.runner = runner
+        # KV slots: one per row, `row_capacity` columns each (prefix + prompt + generated), preallocated.
+        self.row_capacity = min(row_capacity or DEFAULT_ROW_TOKENS, runner.max_context)
+        if kv_cache_bytes is not None:
+            row_bytes = self.row_capacity * token_bytes(
+                runner.num_layers, (runner.num_kv_heads, runner.head_dim), runner.dtype
+            )
+            if kv_cache_bytes < row_bytes:
+                raise ValueError(
+                    f"kv_cache_bytes={kv_cache_bytes} does not hold one row of {self.row_capacity} tokens "
+                    f"({row_bytes} bytes)"
+                )
+            max_batch_size = min(max_batch_size, kv_cache_bytes // row_bytes)
         self.max_batch_size = max_batch_size
+        self._state = BatchState(runner, max_batch_size, self.row_capacity)
         self.max_queue = max_queue
-        self.prefix_cache: ByteLRU[PrefixKey, DevicePrefix] = ByteLRU(prefix_cache_bytes)
+        self.prefix_cache: ByteLRU[TaskKey, DevicePrefix] = ByteLRU(prefix_cache_bytes)
         self.memory = MemoryTrimmer()  # evicted prefixes' host memory goes back to the OS
         self._inbox = WaitingQueue(max_queue)
         self._cv = self._inbox.cv
-        self._rows: list[_Row] = []
-        self._state: BatchState | None = None
+        self._rows: list[_Row] = []  # row b lives in KV slot b
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._abort = False
@@ -94,7 +113,14 @@ class Engine:
             return
         self._thread = threading.Thread(target=self._run, name="softserve-engine", daemon=True)
         self._thread.start()
-        log.info("engine started: max_batch_size=%d max_queue=%d", self.max_batch_size, self.max_queue)
+        log.info(
+            "engine started: max_batch_size=%d max_queue=%d, KV slots %d x %d tokens = %.1f MiB",
+            self.max_batch_size,
+            self.max_queue,
+            self._state.kv.slots,
+            self.row_capacity,
+            self._state.kv.nbytes / 2**20,
+        )
 
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
@@ -251,7 +277,7 @@ class Engine:
                 self._admit(admitted)
         finally:
             self._taken, self._admission = 0, []
-        if self._rows and self._state is not None:
+        if self._rows:
             self._decode()
         self.steps += 1
         self.memory.after_evictions(self.prefix_cache.evictions)
@@ -284,6 +310,11 @@ class Engine:
         for p in admitted:
             try:
                 item, stream, sampler = new_row(self.runner, self.prefix_cache, self._bare, p.req, prefixes)
+                if item.length > self.row_capacity:
+                    raise ValueError(
+                        f"prompt ({len(item.ids)} tokens) after the task's {item.prefix_len} virtual tokens "
+                        f"exceeds the KV row capacity of {self.row_capacity} tokens"
+                    )
             except Exception as exc:
                 log.warning(
                     "request %d rejected before prefill: %s",
@@ -296,52 +327,48 @@ class Engine:
             if p.req.params.max_new_tokens <= 0:
                 self._send(p, TokenEvent(None, "", finish_reason="length"))
                 continue
-            rows.append(_Row(p, stream, sampler, next_pos=item.next_position + len(item.ids)))
+            rows.append(_Row(p, stream, sampler, item.next_position + len(item.ids), item.length))
             items.append(item)
         if not rows:
             return
         self._admitting = rows
         try:
-            state, rows = self._prefill(rows, items)
+            self._prefill(rows, items)
         finally:
             self._admitting = []
-        if state is None:
-            return
-        if self._state is not None:
-            self._state.merge(state)
-        with self._cv:  # rows and the admission count change together, as load() reads them
-            self._state, self._rows = (state if self._state is None else self._state), self._rows + rows
-            self._taken = 0
         log.debug("admitted %d; batch %d, waiting %d", len(rows), len(self._rows), len(self._inbox))
 
-    def _prefill(self, rows: list[_Row], items: list[PrefillItem]) -> tuple[BatchState | None, list[_Row]]:
-        """Prefill `rows` and accept their first tokens; returns the state of the rows still running (None
-        if none is). A failed forward of several rows is retried once for each row alone."""
+    def _prefill(self, rows: list[_Row], items: list[PrefillItem]) -> None:
+        """Prefill `rows`, accept their first tokens and move the rows still running into KV slots. A failed
+        forward of several rows is retried once for each row alone."""
         out = prefill_rows(self.runner, items)
         self._forward_failures("prefill", rows, out)
         ran = [rows[i] for i in out.ran]
-        if out.state is None or out.logits is None:
-            return None, []
+        if out.logits is None or out.parts is None:
+            return
         self._accept_sampled(ran, out.logits)
-        keep = [i for i, r in enumerate(ran) if not r.finished]
-        if not keep:
-            return None, []
-        if len(keep) < len(ran):
-            out.state.select(keep)
-        return out.state, [ran[i] for i in keep]
+        admitted: list[_Row] = []
+        by_forward: dict[int, tuple[Any, list[int]]] = {}  # forward -> (its rows, their indices there)
+        for row, (part, g) in zip(ran, out.parts, strict=True):
+            if not row.finished:
+                by_forward.setdefault(id(part), (part, []))[1].append(g)
+                admitted.append(row)
+        for part, keep in by_forward.values():
+            self._state.admit(part, keep)
+        with self._cv:  # rows and the admission count change together, as load() reads them
+            self._rows = self._rows + admitted
+            self._taken = 0
 
     def _decode(self) -> None:
-        """One token for every row; after a failed shared forward the batch is rebuilt from the rows that
-        then decoded alone."""
-        assert self._state is not None
+        """One token for every row (a row whose own forward fails ends with an error)."""
         rows = self._rows
         out = decode_rows(self.runner, self._state, [r.tokens[-1] for r in rows])
         self._forward_failures("decode", rows, out)
-        if out.state is not self._state:
-            with self._cv:  # as load() reads them
-                self._rows, self._state = [rows[i] for i in out.ran], out.state
         if out.logits is not None:
-            self._accept_sampled(self._rows, out.logits, advance=True)
+            ran = [rows[i] for i in out.ran]
+            for row in ran:
+                row.columns += 1
+            self._accept_sampled(ran, out.logits, advance=True)
         self._compact()
 
     def _forward_failures(self, phase: str, rows: list[_Row], out: Forward) -> None:
@@ -369,7 +396,7 @@ class Engine:
 
     # ---- per-row bookkeeping -----------------------------------------------------------------------------
 
-    def _prefixes(self, tasks: list[TaskPrompt]) -> dict[PrefixKey, DevicePrefix]:
+    def _prefixes(self, tasks: list[TaskPrompt]) -> dict[TaskKey, DevicePrefix]:
         """The admitted tasks' prefixes, cold embedding prefixes converted in one forward; on any error the
         rows fall back to converting their own prefix (so a failure stays with its request)."""
         try:
@@ -398,7 +425,11 @@ class Engine:
             text, stopped = row.stream.push(token)
             if stopped:
                 event = TokenEvent(token, text, finish_reason="stop")
-            elif len(row.tokens) >= row.req.params.max_new_tokens or row.next_pos >= self.runner.max_context:
+            elif (
+                len(row.tokens) >= row.req.params.max_new_tokens
+                or row.next_pos >= self.runner.max_context
+                or row.columns >= self.row_capacity
+            ):
                 event = TokenEvent(token, text + row.stream.flush(), finish_reason="length")
             else:
                 event = TokenEvent(token, text)
@@ -437,26 +468,29 @@ class Engine:
             pending.req.cancelled.set()
 
     def _fail_rows(self, rows: list[_Row], message: str) -> None:
-        """Finish `rows` with finish_reason error; failing the running batch drops its tensors too."""
+        """Finish `rows` with finish_reason error; failing the running batch frees its slots too."""
         running = rows is self._rows
         for row in rows:
             if not row.finished:
                 self._finish(row, TokenEvent(None, "", finish_reason="error", error=message))
         if running:
-            self._rows, self._state = [], None
+            self._clear_rows()
+
+    def _clear_rows(self) -> None:
+        self._state.retire(set(range(self._state.size)))
+        self._rows = []
 
     def _compact(self) -> None:
-        """Remove finished rows from the batch tensors and trim all-padding leading columns."""
-        if not any(r.finished for r in self._rows):
+        """Finished rows leave their KV slots; the last rows move into the holes (one row copied per hole)."""
+        finished = {i for i, r in enumerate(self._rows) if r.finished}
+        if not finished:
             return
-        keep = [i for i, r in enumerate(self._rows) if not r.finished]
-        if not keep:
-            self._rows, self._state = [], None
-            return
-        assert self._state is not None
-        self._state.select(keep)
-        self._state.trim()
-        self._rows = [self._rows[i] for i in keep]
+        source = self._state.retire(finished)
+        self._rows = [self._rows[i] for i in source]
+
+    def kv_copied(self) -> dict[str, int]:
+        """Bytes written into / moved within KV storage by admissions and retirements (cumulative)."""
+        return dict(self._state.kv.copied)
 
     def _finish_everything(self, reason: str) -> None:
         waiting, warm = self._inbox.clear()
@@ -467,4 +501,4 @@ class Engine:
         for row in self._rows:
             if not row.finished:
                 self._finish(row, TokenEvent(None, "", finish_reason=reason))
-        self._rows, self._state = [], None
+        self._clear_rows()

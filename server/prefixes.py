@@ -10,12 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prompt_store import SoftPrompt
+from prompt_store import SoftPrompt, TaskKey, TaskPrompt
 from prompt_store.lru import ByteLRU
 from runtime.model_runner import ModelRunner
-from server.requests import TaskPrompt
-
-PrefixKey = tuple[str, int, str]
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,7 @@ def bare_prefix(runner: ModelRunner) -> DevicePrefix:
 
 
 def device_prefix(
-    runner: ModelRunner, cache: ByteLRU[PrefixKey, DevicePrefix], task: TaskPrompt
+    runner: ModelRunner, cache: ByteLRU[TaskKey, DevicePrefix], task: TaskPrompt
 ) -> DevicePrefix:
     """The task version's device prefix from `cache`, converting (and checking) it on a miss."""
     cached = cache.get(task.key)
@@ -49,15 +46,15 @@ def device_prefix(
 
 
 def device_prefixes(
-    runner: ModelRunner, cache: ByteLRU[PrefixKey, DevicePrefix], tasks: list[TaskPrompt]
-) -> dict[PrefixKey, DevicePrefix]:
+    runner: ModelRunner, cache: ByteLRU[TaskKey, DevicePrefix], tasks: list[TaskPrompt]
+) -> dict[TaskKey, DevicePrefix]:
     """Every task's device prefix, converting the ones missing from `cache`; the missing embedding prefixes
     run through the model in one batched forward (not one each), so many cold tasks cost one pass.
 
     A task whose prefix fails its checks is left out; `device_prefix` then raises for its own request.
     """
-    found: dict[PrefixKey, DevicePrefix] = {}
-    missing: dict[PrefixKey, TaskPrompt] = {}
+    found: dict[TaskKey, DevicePrefix] = {}
+    missing: dict[TaskKey, TaskPrompt] = {}
     for task in tasks:
         if task.key in found or task.key in missing:
             continue
@@ -67,7 +64,7 @@ def device_prefixes(
         else:
             missing[task.key] = task
     embedding = {key: t.prompt.embeds for key, t in missing.items() if _is_embedding_prefix(t.prompt)}
-    batched: dict[PrefixKey, tuple[torch.Tensor, torch.Tensor]] = {}
+    batched: dict[TaskKey, tuple[torch.Tensor, torch.Tensor]] = {}
     if len(embedding) > 1:
         kvs = runner.embedding_prefix_kvs([e for e in embedding.values() if e is not None])
         batched = dict(zip(embedding, kvs, strict=True))  # [L, Hkv, m_i, Dh] each
@@ -86,7 +83,7 @@ def _is_embedding_prefix(prompt: SoftPrompt) -> bool:
 
 def _store(
     runner: ModelRunner,
-    cache: ByteLRU[PrefixKey, DevicePrefix],
+    cache: ByteLRU[TaskKey, DevicePrefix],
     task: TaskPrompt,
     kv: tuple[torch.Tensor, torch.Tensor],  # [L, Hkv, m, Dh] each
 ) -> DevicePrefix:

@@ -7,7 +7,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
-from prompt_store import SoftPrompt
+from prompt_store import TaskPrompt
 
 _ids = itertools.count(1)
 
@@ -26,21 +26,6 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # None -> off; k -> each token's log-prob and the k most likely
-
-
-@dataclass(frozen=True)
-class TaskPrompt:
-    """A task's serving form pinned for one request. `key` identifies the version for device caches."""
-
-    task_id: str
-    version: int
-    sha256: str
-    method: str
-    prompt: SoftPrompt
-
-    @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.task_id, self.version, self.sha256)
 
 
 @dataclass(frozen=True)

@@ -3,20 +3,21 @@ otherwise fail the whole prefill group runs here, so a request that cannot run f
 
 from __future__ import annotations
 
+from prompt_store import TaskKey
 from prompt_store.lru import ByteLRU
 from runtime.batch_state import PrefillItem
 from runtime.model_runner import ModelRunner
-from server.prefixes import DevicePrefix, PrefixKey, device_prefix
+from server.prefixes import DevicePrefix, device_prefix
 from server.requests import GenerationRequest
 from server.sampling import RowSampler, TextStream
 
 
 def prefill_item(
     runner: ModelRunner,
-    prefix_cache: ByteLRU[PrefixKey, DevicePrefix],
+    prefix_cache: ByteLRU[TaskKey, DevicePrefix],
     bare: DevicePrefix,
     req: GenerationRequest,
-    prefixes: dict[PrefixKey, DevicePrefix],
+    prefixes: dict[TaskKey, DevicePrefix],
 ) -> PrefillItem:
     """The row's prompt ids (checked against the vocabulary), its prefix and whether they fit the context."""
     ids = list(req.prompt_ids)
@@ -39,10 +40,10 @@ def prefill_item(
 
 def new_row(
     runner: ModelRunner,
-    prefix_cache: ByteLRU[PrefixKey, DevicePrefix],
+    prefix_cache: ByteLRU[TaskKey, DevicePrefix],
     bare: DevicePrefix,
     req: GenerationRequest,
-    prefixes: dict[PrefixKey, DevicePrefix],
+    prefixes: dict[TaskKey, DevicePrefix],
 ) -> tuple[PrefillItem, TextStream, RowSampler]:
     """The row's prefill item, its text stream (stop strings) and its sampler (penalty state, generator,
     logit bias checked against the vocabulary); raises for this request alone."""

@@ -22,10 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive
 
+from prompt_store import TaskPrompt
 from prompt_store.cache import Lease
 from server.errors import DeadlineExceeded, GenerationFailed, LimitExceeded, NotReady, Overloaded
 from server.request_id import current_request_id
-from server.requests import GenerationRequest, SamplingParams, TaskPrompt, TokenEvent
+from server.requests import GenerationRequest, SamplingParams, TokenEvent
 from server.schemas import DEFAULT_NEW_TOKENS
 from server.state import ServerState
 from server.tokenization import check_text_bounds, encode_chat, encode_text
@@ -173,7 +174,7 @@ async def prepare_many(
     task = None
     if task_id not in (None, BASE_TASK):
         lease = await run_in_threadpool(state.cache.acquire, task_id)
-        task = TaskPrompt(lease.task_id, lease.version, lease.sha256, lease.method, lease.prompt)
+        task = lease.task
     try:
         for i, ids in enumerate(prompts):
             name = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"
@@ -225,6 +226,13 @@ def check_fit(
             f"{prompt_field} has {n_prompt} tokens + {virtual} virtual tokens = {n_prompt + virtual}; "
             f"the limit is {limit}",
             field=prompt_field,
+        )
+    columns, capacity = virtual + n_prompt + max_new, state.engine.row_capacity
+    if columns > capacity:
+        raise LimitExceeded(
+            f"{prompt_field} ({n_prompt} tokens) + virtual tokens ({virtual}) + {limit_field} ({max_new}) = "
+            f"{columns} exceeds the KV row capacity of {capacity} tokens (SOFTSERVE_KV_ROW_TOKENS)",
+            field=limit_field,
         )
     context = state.runner.max_context
     total = position + n_prompt + max_new

@@ -57,7 +57,19 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_prompt_tokens: int = Field(2048, ge=1, description="prompt tokens including virtual tokens")
     max_new_tokens: int = Field(512, ge=1)
-    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_size: int = Field(32, ge=1, le=1024, description="KV slots: rows decoded together")
+    kv_row_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="KV columns per row (virtual + prompt + generated tokens); default: max_prompt_tokens + "
+        "max_new_tokens, at most the model context",
+    )
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="KV budget: the batch holds at most this // (kv_row_tokens x one token's KV) rows; "
+        "default: max_batch_size rows",
+    )
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -13,7 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.requests import GenerationRequest, TaskPrompt, TokenEvent
+from prompt_store import TaskPrompt
+from server.requests import GenerationRequest, TokenEvent
 
 Deliver = Callable[[TokenEvent], None]
 WarmJob = tuple[TaskPrompt, Callable[[bool], None]]  # (task, done(ok))

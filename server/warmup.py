@@ -13,7 +13,6 @@ import threading
 from prompt_store.cache import ServingCache
 from prompt_store.errors import StoreError
 from server.engine import Engine
-from server.requests import TaskPrompt
 
 log = logging.getLogger("softserve.warmup")
 
@@ -39,7 +38,7 @@ def warm_task(cache: ServingCache, engine: Engine, task_id: str, wait_s: float =
         lease.release()
         ready.set()
 
-    engine.warm(TaskPrompt(lease.task_id, lease.version, lease.sha256, lease.method, lease.prompt), done)
+    engine.warm(lease.task, done)
     if wait_s <= 0:
         return True
     return ready.wait(wait_s) and outcome[0]

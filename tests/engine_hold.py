@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from prompt_store import SoftPrompt
-from server.requests import TaskPrompt
+from prompt_store import SoftPrompt, TaskPrompt
 
 
 class Hold:

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from prompt_store import SoftPrompt, get_method
-from server.requests import GenerationRequest, SamplingParams, TaskPrompt
+from prompt_store import SoftPrompt, TaskPrompt, get_method
+from server.requests import GenerationRequest, SamplingParams
 
 PAD = 0
 

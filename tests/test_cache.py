@@ -35,14 +35,19 @@ def test_lease_holds_the_serving_form(store: DiskStore, method: str) -> None:
     store.put(artifact)
     cache = ServingCache(store, FP, max_bytes=1 << 20)
     with cache.acquire("t") as lease:
-        assert (lease.task_id, lease.version, lease.sha256, lease.method) == ("t", 1, artifact.sha256, method)
+        assert (lease.task.task_id, lease.task.version, lease.task.sha256, lease.task.method) == (
+            "t",
+            1,
+            artifact.sha256,
+            method,
+        )
         expected = to_serving_form(artifact)
         for name in ("embeds", "keys", "values", "added"):
-            got, want = getattr(lease.prompt, name), getattr(expected, name)
+            got, want = getattr(lease.task.prompt, name), getattr(expected, name)
             assert (got is None) == (want is None), name
             if want is not None:
                 assert torch.equal(got, want), name
-        assert lease.prompt.next_position == expected.next_position
+        assert lease.task.prompt.next_position == expected.next_position
     assert (cache.misses, cache.hits, cache.bytes) == (1, 0, expected.nbytes())
     cache.acquire("t").release()
     assert (cache.misses, cache.hits) == (1, 1)
@@ -70,7 +75,7 @@ def test_pinned_entries_survive_eviction(store: DiskStore, cache: ServingCache) 
     lease = cache.acquire("pinned")
     for name in ("x", "y", "z"):
         cache.acquire(name).release()
-    assert ("pinned", 1, lease.sha256) in cache.resident_keys()
+    assert ("pinned", 1, lease.task.sha256) in cache.resident_keys()
     assert cache.bytes <= 2 * FORM_BYTES and cache.evictions == 2
     lease.release()
     lease.release()  # idempotent
@@ -96,14 +101,14 @@ def test_event_switches_next_acquire_while_a_lease_keeps_the_old_version(
     store.put(old)
     held = cache.acquire("swap")
     store.put(new)
-    assert cache.acquire("swap").version == 1  # memoised until an event says otherwise
+    assert cache.acquire("swap").task.version == 1  # memoised until an event says otherwise
     cache.apply(ChangeEvent("swap", 2, new.sha256))
     with cache.acquire("swap") as fresh:
-        assert fresh.version == 2 and torch.equal(fresh.prompt.embeds, new.tensors["prompt"])
-    assert held.version == 1 and torch.equal(held.prompt.embeds, old.tensors["prompt"])
+        assert fresh.task.version == 2 and torch.equal(fresh.task.prompt.embeds, new.tensors["prompt"])
+    assert held.task.version == 1 and torch.equal(held.task.prompt.embeds, old.tensors["prompt"])
     assert ("swap", 1, old.sha256) in cache.resident_keys()  # still pinned by the running request
     held.release()
-    assert cache.acquire("swap", version=1).version == 1  # old versions stay addressable
+    assert cache.acquire("swap", version=1).task.version == 1  # old versions stay addressable
 
 
 def test_watch_thread_drives_hot_swaps(store: DiskStore, cache: ServingCache) -> None:
@@ -118,8 +123,8 @@ def test_watch_thread_drives_hot_swaps(store: DiskStore, cache: ServingCache) ->
             wait_for(lambda: cache.current("live") == v, timeout=0.5)
         except AssertionError:
             continue
-    assert cache.acquire("live").version == v
-    assert held.version == 1
+    assert cache.acquire("live").task.version == v
+    assert held.task.version == 1
     store.delete("live")
     wait_for(lambda: cache.current("live") is None, timeout=2)
     with pytest.raises(NotFound):
@@ -153,8 +158,8 @@ def test_a_memo_naming_a_vanished_version_is_refreshed(store: DiskStore, cache: 
     store.put(build("stale", seed=1))
     cache.apply(ChangeEvent("stale", 5, "f" * 64))  # a version the store does not have
     with cache.acquire("stale") as lease:
-        assert lease.version == 1 and torch.equal(
-            lease.prompt.embeds, build("stale", seed=1).tensors["prompt"]
+        assert lease.task.version == 1 and torch.equal(
+            lease.task.prompt.embeds, build("stale", seed=1).tensors["prompt"]
         )
     assert cache.current("stale") == 1
     cache.apply(ChangeEvent("gone", 3, "f" * 64))
@@ -168,7 +173,7 @@ def test_a_wrong_sha_in_an_event_does_not_cause_endless_misses(store: DiskStore,
     store.put(artifact)
     cache.apply(ChangeEvent("sha", 1, "0" * 64))  # e.g. re-created under the same version number
     with cache.acquire("sha") as lease:
-        assert lease.sha256 == artifact.sha256
+        assert lease.task.sha256 == artifact.sha256
     assert cache.misses == 1
     cache.acquire("sha").release()
     assert (cache.misses, cache.hits) == (1, 1)
@@ -185,7 +190,7 @@ def test_an_out_of_order_event_is_checked_against_the_store(store: DiskStore, ca
     cache.apply(ChangeEvent("order", 1, build("order", seed=9).sha256))  # the delete was never reported
     assert cache.current("order") == 1
     with cache.acquire("order") as lease:
-        assert torch.equal(lease.prompt.embeds, build("order", seed=9).tensors["prompt"])
+        assert torch.equal(lease.task.prompt.embeds, build("order", seed=9).tensors["prompt"])
     cache.apply(ChangeEvent("order", 0))
     assert cache.current("order") is None
 
@@ -204,7 +209,7 @@ def test_forms_move_to_the_requested_dtype(store: DiskStore) -> None:
     store.put(build("half"))
     cache = ServingCache(store, FP, max_bytes=1 << 20, device="cpu", dtype=torch.float16)
     with cache.acquire("half") as lease:
-        assert lease.prompt.embeds is not None and lease.prompt.embeds.dtype == torch.float16
+        assert lease.task.prompt.embeds is not None and lease.task.prompt.embeds.dtype == torch.float16
     assert cache.bytes == FORM_BYTES // 2
 
 
@@ -223,8 +228,8 @@ def test_redis_replica_cache_follows_another_writer(redis_url: str) -> None:
             except AssertionError:
                 continue
         with cache.acquire("shared") as lease:
-            assert lease.version == v and lease.sha256 == writer.info("shared").sha256
-        assert held.version == 1
+            assert lease.task.version == v and lease.task.sha256 == writer.info("shared").sha256
+        assert held.task.version == 1
     finally:
         cache.stop_watch()
         held.release()

@@ -22,7 +22,7 @@ from upload_helpers import put_files
 from prompt_store import to_bytes, with_version
 from prompt_store.backends import DiskStore, RedisStore
 from prompt_store.backends.redis_store import Keys
-from server.requests import GenerationRequest, SamplingParams, TaskPrompt
+from server.requests import GenerationRequest, SamplingParams
 from server.settings import Settings
 
 KEEP = 5
@@ -103,12 +103,12 @@ def test_a_pinned_version_survives_pruning_and_finishes_with_its_tokens(
         body = {"task_id": "pin", "prompt": "pinned", "max_new_tokens": 8}
         expected = client.post("/generate", json=body).json()["tokens"]
         lease = state.cache.acquire("pin")  # what a running request holds for its whole life
-        assert lease.version == 1
+        assert lease.task.version == 1
         for seed in range(1, 8):
             upload(client, "pin", base, seed=seed)
         assert client.get("/tasks/pin").json()["versions"] == [1, 4, 5, 6, 7, 8]  # 5 newest + the pinned one
         assert state.store.get("pin", 1).version == 1  # another replica could still load it
-        task = TaskPrompt(lease.task_id, lease.version, lease.sha256, lease.method, lease.prompt)
+        task = lease.task
         ids = [int(i) for i in state.runner.tokenizer("pinned")["input_ids"]]
         request_on_v1 = GenerationRequest(ids, SamplingParams(max_new_tokens=8), task=task)
         events = state.engine.generate_sync(request_on_v1, timeout=30)

@@ -36,13 +36,15 @@ class FaultyRunner(ModelRunner):
     raise_batches = False  # any forward of more than one row fails in its second decoder layer
     _fail_now = False
 
-    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
+    def forward(
+        self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, **kwargs: Any
+    ) -> Any:
         hit = (positions == self.nan_at).any(-1) if self.nan_at is not None else None  # [B]
         self._fail_now = (self.raise_batches and embeds.shape[0] > 1) or (
             self.raise_at is not None and bool((positions == self.raise_at).any())
         )
         try:
-            logits = super().forward(embeds, mask, positions, cache)  # [B, V]
+            logits = super().forward(embeds, mask, positions, cache, **kwargs)  # [B, V]
         finally:
             self._fail_now = False
         if hit is not None:

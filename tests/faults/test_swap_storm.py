@@ -19,7 +19,7 @@ import torch
 from api_helpers import prompt_artifact_bytes
 from live_server import threaded_server
 
-from server.requests import GenerationRequest, SamplingParams, TaskPrompt
+from server.requests import GenerationRequest, SamplingParams
 
 REQUESTS = 1000
 SWAPS = 50
@@ -129,7 +129,7 @@ def test_thousand_requests_during_fifty_swaps(tmp_path: Path) -> None:
         def tokens_alone(version: int, p: int) -> list[int]:
             if (version, p) not in alone:
                 with state.cache.acquire("swap", version) as lease:
-                    task = TaskPrompt(lease.task_id, lease.version, lease.sha256, lease.method, lease.prompt)
+                    task = lease.task
                     ids = [int(t) for t in state.runner.tokenizer(PROMPTS[p])["input_ids"]]
                     req = GenerationRequest(ids, SamplingParams(max_new_tokens=NEW_TOKENS), task=task)
                     events = engine.generate_sync(req, timeout=30)
