@@ -15,9 +15,14 @@ Per level: requests ok, 429s, other errors, tokens/s (completion tokens / wall t
 request latency p50/p99 and time to first token (first SSE token event) p50/p99 over the ok requests, and
 the server's batch size and queue depth sampled from GET /metrics.
 
-Goals: no non-429 errors; 429s only beyond max_batch + max_queue concurrent requests (and from there on);
-every 429 carries Retry-After; tokens/s at the highest level <= max_batch + max_queue without 429s or
-errors >= 4 x concurrency 1 (the batching gain). --no-stream sends JSON requests instead (TTFT then from the
+Prompt cache (--prompt-cache both, the default): two servers start, one with the prompt cache on (the default
+SOFTSERVE_PROMPT_CACHE_BYTES) and one with SOFTSERVE_PROMPT_CACHE_BYTES=0; every level runs on each in turn
+(alternating which goes first), and the report puts them side by side with each level's hit rate (from the
+softserve_prompt_cache_{hit,miss}_tokens counters of GET /metrics).
+Goals (the cache-on pass; the cache-off pass is reported beside it): no non-429 errors; 429s only beyond
+max_batch + max_queue concurrent requests (and from there on); every 429 carries Retry-After; tokens/s at the
+highest level <= max_batch + max_queue without 429s or errors >= 6 x concurrency 1 (the batching gain).
+--no-stream sends JSON requests instead (TTFT then from the
 server's timings).
 The client runs on the same machine, so the server's torch gets all cores but one (OMP_NUM_THREADS) unless
 --threads says otherwise (--threads 0: torch's default).
@@ -45,7 +50,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.artifacts import mixed_artifacts, upload  # noqa: E402
-from common.http_load_analysis import Level, Result, goals, plot, render, summarize  # noqa: E402
+from common.http_load_analysis import (  # noqa: E402
+    CACHE_OFF,
+    CACHE_ON,
+    Level,
+    Result,
+    cache_counters,
+    cache_delta,
+    goals,
+    plot,
+    render,
+    render_comparison,
+    summarize,
+)
 from common.servers import ServeProcess  # noqa: E402
 from harness import QUESTIONS, RESULTS, add_device_args, write_report  # noqa: E402
 
@@ -251,6 +268,13 @@ def main() -> None:
     parser.add_argument(
         "--name", default="http_load", help="report name under bench/results (default: %(default)s)"
     )
+    parser.add_argument(
+        "--prompt-cache",
+        choices=("both", "on", "off"),
+        default="both",
+        help="both: a second server with SOFTSERVE_PROMPT_CACHE_BYTES=0, every level run on each in turn "
+        "(default: %(default)s); on / off: one server",
+    )
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     if not levels or min(levels) < 1 or args.duration <= 0 or args.new_tokens < 1:
@@ -263,17 +287,22 @@ def main() -> None:
 
     # SIGTERM too ends in the finally below (Ctrl-C raises KeyboardInterrupt), so the server never outlives us
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    server: ServeProcess | None = None
+    wanted = [CACHE_ON, CACHE_OFF] if args.prompt_cache == "both" else [f"prompt cache {args.prompt_cache}"]
+    names = ["running server"] if args.url else wanted
+    servers: dict[str, ServeProcess] = {}
     tmp = tempfile.TemporaryDirectory(prefix="softserve-http-load-")
     try:
-        if not args.url:
-            folder = Path(tmp.name)
+        for name in [] if args.url else names:
+            folder = Path(tmp.name) / name.replace(" ", "-")
             limits = {
                 "SOFTSERVE_MAX_BATCH_SIZE": str(args.max_batch),
                 "SOFTSERVE_MAX_QUEUE": str(args.max_queue),
                 "SOFTSERVE_DRAIN_TIMEOUT_S": "2",
             }
-            server = ServeProcess(
+            if name == CACHE_OFF:
+                limits["SOFTSERVE_PROMPT_CACHE_BYTES"] = "0"
+            folder.mkdir(parents=True)
+            servers[name] = ServeProcess(
                 args, f"disk:{folder / 'store'}", folder / "server.log", limits
             )  # loads its model while we build the artifacts
         # the served model's fingerprint: the same model loaded here, on the CPU
@@ -281,36 +310,47 @@ def main() -> None:
         artifacts = mixed_artifacts(runner)
         model_name = runner.name
         del runner
-        url = args.url or (server.url if server else "")
-        if server is not None:
-            server.wait_ready()
-        print(f"[{time.perf_counter() - t_start:5.1f}s] server ready at {url}", flush=True)
-        targets = register_tasks(url, artifacts, headers)
-        targets += ["base"] * max(1, len(targets) // 4)  # about 1 in 5 requests on the bare model
-        asyncio.run(warm_up(url, headers, targets))
+        urls = {name: servers[name].url if name in servers else args.url for name in names}
+        targets: list[str] = []
+        for name in names:
+            if name in servers:
+                servers[name].wait_ready()
+            print(f"[{time.perf_counter() - t_start:5.1f}s] {name}: ready at {urls[name]}", flush=True)
+            targets = register_tasks(urls[name], artifacts, headers)
+            targets += ["base"] * max(1, len(targets) // 4)  # about 1 in 5 requests on the bare model
+            asyncio.run(warm_up(urls[name], headers, targets))
         print(
             f"[{time.perf_counter() - t_start:5.1f}s] {len(targets)} targets registered and warm", flush=True
         )
-        rows = []
-        for c in levels:
-            level = asyncio.run(run_level(url, headers, targets, c, args))
-            row = summarize(level)
-            rows.append(row)
-            print(
-                f"[{time.perf_counter() - t_start:5.1f}s] c={c}: ok {row['ok']}, 429 {row['429']}, "
-                f"errors {row['errors']}, {row['tokens_per_s']:.1f} tok/s, "
-                f"p50 {1e3 * row['latency_p50_s']:.0f} ms, ttft p50 {1e3 * row['ttft_p50_s']:.0f} ms",
-                flush=True,
-            )
-        if server is not None and server.proc.poll() is not None:
-            raise RuntimeError(f"server died during the run:\n{server.log_tail()}")
+        passes: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for i, c in enumerate(levels):  # each level on every server in turn, alternating who goes first
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                before = cache_counters(urls[name], headers)
+                level = asyncio.run(run_level(urls[name], headers, targets, c, args))
+                row = summarize(level)
+                row.update(cache_delta(before, cache_counters(urls[name], headers)))
+                passes[name].append(row)
+                print(
+                    f"[{time.perf_counter() - t_start:5.1f}s] {name} c={c}: ok {row['ok']}, "
+                    f"429 {row['429']}, "
+                    f"errors {row['errors']}, {row['tokens_per_s']:.1f} tok/s, "
+                    f"p50 {1e3 * row['latency_p50_s']:.0f} ms, ttft p50 {1e3 * row['ttft_p50_s']:.0f} ms, "
+                    f"prompt cache hit rate {row['prompt_cache_hit_rate']:.3f}",
+                    flush=True,
+                )
+        for name, server in servers.items():
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{name} server died during the run:\n{server.log_tail()}")
     finally:
-        if server is not None:
+        for server in servers.values():
             server.stop()
         tmp.cleanup()
 
     limit = args.max_batch + args.max_queue
-    gl, extra = goals(rows, limit)
+    per_pass = {name: goals(rows, limit, name) for name, rows in passes.items()}
+    main_pass = names[0]  # the goals are the prompt cache's (on); the cache-off pass is reported beside it
+    rows = passes[main_pass]
+    gl, extra = per_pass[main_pass]
     device = args.device
     if args.url:
         server_line = f"{args.url} (running server; limits assumed {args.max_batch}/{args.max_queue})"
@@ -325,26 +365,32 @@ def main() -> None:
             f"`python -m server.cli serve`, {model_name} ({args.dtype}, device {device}{gpu}{threads}); "
             f"torch {torch.__version__}; {platform.machine()}, {os.cpu_count()} cores"
         )
+    all_rows = [r for rs in passes.values() for r in rs]
     info = {
         "load": f"{load_start:.1f} / {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)",
-        "load_max": max([load_start, os.getloadavg()[0]] + [r["load_avg"] for r in rows]),
+        "load_max": max([load_start, os.getloadavg()[0]] + [r["load_avg"] for r in all_rows]),
         "server": server_line,
         "client": f"httpx {httpx.__version__} AsyncClient, same machine",
         **extra,
     }
-    report = render(args, rows, targets, info, gl)
+    report = render_comparison(passes, per_pass, limit) if len(passes) > 1 else ""
+    for name, (pass_goals, pass_extra) in per_pass.items():
+        detail = render(args, passes[name], targets, {**info, **pass_extra}, pass_goals)
+        report += f"\n## {name}\n" + detail.split("\n", 1)[1] if len(passes) > 1 else detail
     elapsed = time.perf_counter() - t_start
     report += f"\nwhole run (server start, registration, warm-up, all levels): {elapsed:.0f} s\n"
     data = {
         "settings": {k: v for k, v in vars(args).items() if k != "key"},
         "targets": targets,
         "levels": rows,
+        "passes": passes,
+        "gains": {name: ex["gain"] for name, (_, ex) in per_pass.items()},
         "info": info,
         **extra,
         "elapsed_s": elapsed,
     }
     write_report(args.name, report, gl, data)
-    plot(rows, limit, extra["first_429"], RESULTS / f"{args.name}.png")
+    plot(passes, limit, extra["first_429"], RESULTS / f"{args.name}.png")
     print(f"elapsed {time.perf_counter() - t_start:.1f} s (server start, registration, warm-up, all levels)")
 
 

@@ -18,7 +18,8 @@ GenerationRequest), built by server/app.py's build_state with the engine stepped
   (prepare + prefill, max_new_tokens=1), split into store reads, validation + conversion, prefix KV and the
   rest (prefill forward), then the same request again (warm); p50 / p99.
 Goals: decode and end-to-end tokens/s with 1000 tasks >= 0.9 x with 1 task; RSS growth from 1 to 1000 tasks
-<= the two cache bounds; cold first token p50 <= 2 x warm p50.
+<= the three cache bounds (serving, prefix KV and prompt cache, each sized for --fit tasks: the prompt cache
+holds --fit x 4 blocks of prompt KV); cold first token p50 <= 2 x warm p50.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from prompt_store.backends import Store, open_store  # noqa: E402
 from prompt_store.types import Artifact, SoftPrompt  # noqa: E402
 from prompt_store.validation import to_serving_form  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
+from runtime.prompt_cache import BLOCK as PROMPT_BLOCK  # noqa: E402
 from server.app import build_state  # noqa: E402
 from server.settings import Settings, redact_store  # noqa: E402
 from server.state import ServerState  # noqa: E402
@@ -180,6 +182,9 @@ def main() -> None:
     serve_sizes = [to_serving_form(factory.artifact(i)).nbytes() for i in range(len(MIX))]  # one cycle
     cache_bytes = args.fit * int(statistics.mean(serve_sizes))
     prefix_cache_bytes = args.fit * prefix_bytes
+    # the prompt cache (runtime/prompt_cache.py) keeps prompt KV blocks per task version: sized like the two
+    # others, 4 blocks of prompt KV per task that fits
+    prompt_cache_bytes = args.fit * 4 * (prefix_bytes // m) * PROMPT_BLOCK
 
     tmp = None
     spec = args.store
@@ -190,6 +195,7 @@ def main() -> None:
         store=spec,
         cache_bytes=cache_bytes,
         prefix_cache_bytes=prefix_cache_bytes,
+        prompt_cache_bytes=prompt_cache_bytes,
         max_batch_size=args.requests,
         max_queue=max(256, args.requests),
         request_timeout_s=3600.0,  # a loaded machine must not turn slow rows into timeouts
@@ -244,6 +250,7 @@ def main() -> None:
                 "serve_cache_entries": len(state.cache),
                 "prefix_cache_bytes": state.engine.prefix_cache.bytes,
                 "prefix_cache_entries": len(state.engine.prefix_cache),
+                "prompt_cache_bytes": state.engine.prompt_cache.blocks.bytes,
                 "rss": rss(),
                 "cuda_allocated": torch.cuda.memory_allocated(runner.device) if cuda else None,
                 "store_bytes": store_bytes(spec),
@@ -275,6 +282,7 @@ def main() -> None:
         "cache_bytes": cache_bytes,
         "prefix_cache_bytes": prefix_cache_bytes,
         "prefix_bytes_per_task": prefix_bytes,
+        "prompt_cache_bytes": prompt_cache_bytes,
         "store": "DiskStore (temp dir)" if tmp else redact_store(args.store),
         "write_s": write_s,
         "registered": registered,

@@ -14,7 +14,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
-ORDER = ("serve_smoke", "vs_peft", "prefix_ttft", "hot_swap", "scale_tasks", "gist", "http_load", "methods")
+ORDER = (
+    "serve_smoke",
+    "vs_peft",
+    "prefix_ttft",
+    "hot_swap",
+    "scale_tasks",
+    "gist",
+    "http_load",
+    "shared_prefix",
+    "methods",
+)
 
 
 def load_results(folder: Path) -> list[dict]:

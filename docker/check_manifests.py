@@ -48,6 +48,8 @@ def check_k8s(errors: list[str]) -> None:
 
 def check_probes(name: Path, doc: dict[str, Any], errors: list[str]) -> None:
     for container in doc["spec"]["template"]["spec"]["containers"]:
+        if not container.get("ports"):
+            continue  # no HTTP (the fine-tuning worker): its jobs' heartbeats are its health
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
             got = container.get(probe, {}).get("httpGet", {}).get("path")
             if got != path:

@@ -11,6 +11,8 @@ import torch
 from prompt_store.errors import ArtifactFormatError
 
 FORMAT_VERSION = 1
+ADDED_AT_START = "start"  # an ACCEPT delta on the request's first tokens (artifacts without `added_at`)
+ADDED_AT_USER_TEXT = "user_text"  # on the first tokens of the user's text, after the chat template's head
 SUPPORTED_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -171,6 +173,9 @@ class SoftPrompt:
     keys/values: KV prefix [L, Hkv, m, Dh] each
     next_position: position id of the first real input token
     added: delta [s, d] added to the embeddings of the first s real input tokens
+    added_at: where the delta starts: ADDED_AT_START (the request's first tokens; artifacts written before
+        this field) or ADDED_AT_USER_TEXT (the first tokens of the user's text, after the chat template's
+        head: `runtime.input_format.user_text_offset`)
     """
 
     embeds: torch.Tensor | None = None  # [m, d]
@@ -178,6 +183,7 @@ class SoftPrompt:
     values: torch.Tensor | None = None  # [L, Hkv, m, Dh]
     next_position: int = 0
     added: torch.Tensor | None = None  # [s, d]
+    added_at: str = "start"
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -202,6 +208,7 @@ class SoftPrompt:
             values=move(self.values),
             next_position=self.next_position,
             added=move(self.added),
+            added_at=self.added_at,
         )
 
 

@@ -33,7 +33,8 @@ class PrefillItem:
     values: torch.Tensor  # [L, Hkv, m, Dh]
     next_position: int
     ids: list[int]
-    added: torch.Tensor | None = None  # [s, d] added to the first s prompt-token embeddings
+    added: torch.Tensor | None = None  # [s, d] added to s prompt-token embeddings from `added_at` on
+    added_at: int = 0  # index in `ids` of the delta's first token (the user text's: runtime.input_format)
 
     @property
     def prefix_len(self) -> int:
@@ -124,8 +125,8 @@ def _prompt_embeds(runner: ModelRunner, items: list[PrefillItem], width: int) ->
     embeds = runner.embed(ids)  # [G, N, d]
     for b, it in enumerate(items):
         if it.added is not None:
-            start = width - len(it.ids)
-            s = min(int(it.added.shape[0]), len(it.ids))
+            start = width - len(it.ids) + it.added_at
+            s = max(0, min(int(it.added.shape[0]), len(it.ids) - it.added_at))
             embeds[b, start : start + s] = embeds[b, start : start + s] + it.added[:s]  # [s, d]
     return embeds
 

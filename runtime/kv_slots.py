@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 KV = tuple[torch.Tensor, torch.Tensor]
+CLEAN_AHEAD = 64  # columns zeroed together when the batch first reaches them
 
 
 def token_bytes(num_layers: int, shape: tuple[int, int], dtype: torch.dtype) -> int:
@@ -32,15 +33,16 @@ class SlotLayer(DynamicLayer):
     """One layer's view of slots `rows` for a decode step: live columns [0, width), each row appends one
     key/value at its own column `cols[b]` (its length), and the layer then shows columns [0, width + 1)."""
 
-    def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, rows: slice, width: int, cols: torch.Tensor
-    ) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self._k, self._v = keys, values  # [S, Hkv, C, Dh] each
-        self._rows = rows
-        self._slots = torch.arange(rows.start, rows.stop, device=keys.device)  # [B]
-        self._cols = cols  # [B] long: the column each row writes
         self.device, self.is_initialized = keys.device, True
+        self.prepare(slice(0, 0), 0, keys.new_zeros(0, dtype=torch.long), keys.new_zeros(0, dtype=torch.long))
+
+    def prepare(self, rows: slice, width: int, cols: torch.Tensor, slots: torch.Tensor) -> None:
+        """Set up the next decode step: slots `rows` (their indices `slots` [B]) with `width` live columns,
+        row b writing at column cols[b]."""
+        self._rows, self._slots, self._cols = rows, slots, cols  # slots, cols [B] long
         self._show(width)
 
     def _show(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +89,7 @@ class KVSlots:
         self.clean = 0  # columns [0, clean) of every slot are finite (written or zeroed)
         self.token_bytes = token_bytes(num_layers, shape, dtype)
         self.copied = {"admission": 0, "retirement": 0}  # bytes written/moved by each (cumulative)
+        self._cache: DynamicCache | None = None  # the decode steps' view of the slots (decode_cache)
 
     @property
     def slots(self) -> int:
@@ -105,13 +108,15 @@ class KVSlots:
         return self.slots * self.capacity * self.token_bytes
 
     def ensure_clean(self, width: int) -> None:
-        """Zero columns [clean, width) of every slot (once per column over the buffers' life)."""
+        """Zero columns [clean, width) of every slot, CLEAN_AHEAD columns at a time (each column once over
+        the buffers' life)."""
         if width <= self.clean:
             return
+        end = min(self.capacity, max(width, self.clean + CLEAN_AHEAD))
         for k, v in zip(self.keys, self.values, strict=True):
-            k[:, :, self.clean : width].zero_()  # [S, Hkv, w, Dh]
-            v[:, :, self.clean : width].zero_()  # [S, Hkv, w, Dh]
-        self.clean = width
+            k[:, :, self.clean : end].zero_()  # [S, Hkv, w, Dh]
+            v[:, :, self.clean : end].zero_()  # [S, Hkv, w, Dh]
+        self.clean = end
 
     def write_rows(self, layers: list[KV], index: torch.Tensor, lengths: list[int]) -> None:
         """Append rows to slots B..B+G-1: per layer, source keys/values [G, Hkv, K, Dh] and the source column
@@ -151,14 +156,23 @@ class KVSlots:
         return source
 
     def decode_cache(self, model_config: Any, rows: slice, cols: torch.Tensor) -> DynamicCache:
-        """A cache over slots `rows` for one decode step: each row appends at column cols[b] (its length)."""
+        """The cache over slots `rows` for one decode step: each row appends at column cols[b] (its length).
+        One DynamicCache of SlotLayers is built once and re-aimed at every step."""
+        if self._cache is None:
+            cache = DynamicCache(config=model_config)
+            if len(cache.layers) != len(self.keys):
+                raise ValueError(
+                    f"the model has {len(cache.layers)} cache layers, the slots {len(self.keys)}"
+                )
+            for i in range(len(self.keys)):
+                cache.layers[i] = SlotLayer(self.keys[i], self.values[i])
+            self._cache = cache
         width = max(self.lengths[rows], default=0)
-        cache = DynamicCache(config=model_config)
-        if len(cache.layers) != len(self.keys):
-            raise ValueError(f"the model has {len(cache.layers)} cache layers, the slots {len(self.keys)}")
-        for i in range(len(self.keys)):
-            cache.layers[i] = SlotLayer(self.keys[i], self.values[i], rows, width, cols)
-        return cache
+        slots = torch.arange(rows.start, rows.stop, device=cols.device)  # [B]
+        for layer in self._cache.layers:
+            assert isinstance(layer, SlotLayer)
+            layer.prepare(rows, width, cols, slots)
+        return self._cache
 
     def grow(self, capacity: int) -> None:
         """More columns per slot (copies the live columns; for growable standalone batches only)."""
@@ -171,3 +185,4 @@ class KVSlots:
                 buffers[i] = new
         self.capacity = capacity
         self.clean = capacity
+        self._cache = None

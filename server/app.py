@@ -20,9 +20,10 @@ from server.body_limit import BodyLimitMiddleware
 from server.deps import ApiKey, AuthGateMiddleware, KeyRefused
 from server.engine import Engine
 from server.errors import ServerError, install_error_handlers
-from server.metrics import CACHE_DEVICE_PREFIX, CACHE_SERVING_FORMS, Metrics
+from server.fine_tuning import FineTuning
+from server.metrics import CACHE_DEVICE_PREFIX, CACHE_PROMPT_BLOCKS, CACHE_SERVING_FORMS, CacheCounts, Metrics
 from server.request_id import RequestIdMiddleware, internal_error
-from server.routes import generate, health, openai, rollback, tasks
+from server.routes import fine_tuning, generate, health, openai, rollback, tasks
 from server.settings import Settings, get_settings, redact_store
 from server.state import ServerState
 from server.warmup import warm_task
@@ -52,12 +53,18 @@ def build_state(
         prefix_cache_bytes=settings.prefix_cache_bytes,
         row_capacity=settings.kv_row_tokens or settings.max_prompt_tokens + settings.max_new_tokens,
         kv_cache_bytes=settings.kv_cache_bytes,
+        prompt_cache_bytes=settings.prompt_cache_bytes,
     )
     if start_engine:
         engine.start()
     cache.on_new_version = partial(warm_task, cache, engine)  # another replica replaced a task in use here
     metrics = Metrics(max_tasks=settings.metrics_max_tasks)
-    metrics.track({CACHE_SERVING_FORMS: cache.lru, CACHE_DEVICE_PREFIX: engine.prefix_cache}, engine.stats)
+    caches: dict[str, CacheCounts] = {
+        CACHE_SERVING_FORMS: cache.lru,
+        CACHE_DEVICE_PREFIX: engine.prefix_cache,
+        CACHE_PROMPT_BLOCKS: engine.prompt_cache.blocks,
+    }
+    metrics.track(caches, engine.stats)
     return ServerState(
         settings=settings, runner=runner, engine=engine, store=store, cache=cache, metrics=metrics
     )
@@ -79,6 +86,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await run_in_threadpool(build_state, settings, runner, store)
         app.state.softserve = state
+        app.state.fine_tuning = FineTuning(settings)  # files, jobs, queue; the supervised local worker
+        app.state.fine_tuning.start()
         if settings.admin_key is None:
             log.warning(
                 "SOFTSERVE_ADMIN_KEY is not set: task uploads and deletes need no key (keep it on localhost)"
@@ -87,6 +96,7 @@ def create_app(
         try:
             yield
         finally:
+            await run_in_threadpool(app.state.fine_tuning.stop)
             await run_in_threadpool(shutdown_state, state)
             log.info("stopped")
 
@@ -100,7 +110,7 @@ def create_app(
         openapi_url=None,
     )
     install_error_handlers(app)
-    for module in (health, generate, openai, tasks, rollback):
+    for module in (health, generate, openai, tasks, rollback, fine_tuning):
         app.include_router(module.router)
     add_docs(app, public=settings.public_docs)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -2,6 +2,8 @@
 
   softserve serve [--host H] [--port P] [--model M] [--store S]
   softserve tasks list | show TASK | push TASK PATH | delete TASK | rollback TASK [VERSION]
+  softserve jobs list | show JOB | follow JOB | cancel JOB      (fine-tuning jobs)
+  softserve worker [--concurrency N]                          (trains queued fine-tuning jobs)
 
 The `tasks` commands share their flags and environment with `softserve-train push` (softserve_client):
 --url ($SOFTSERVE_URL), --key ($SOFTSERVE_ADMIN_KEY), --timeout, --json, before or after the subcommand.
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from server import jobs_cli
 from softserve_client import (
     EXIT_USAGE,
     CliError,
@@ -191,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", help="disk:PATH or redis://HOST:PORT/DB (default: disk:./data/store)")
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
     serve.add_argument(
-        "--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (default: float32)"
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="model dtype (default: auto = bfloat16 on CUDA, float32 on CPU)",
     )
     serve.set_defaults(func=_serve)
 
@@ -245,13 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(dest, **options)
         add_client_flags(p)
     tasks.set_defaults(func=_tasks)
+    jobs_cli.add_parsers(sub)  # `softserve jobs ...` and `softserve worker`
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "serve" and (given_client_flags(args) or wants_json(args)):
+    if args.command in ("serve", "worker") and (given_client_flags(args) or wants_json(args)):
         flags = ", ".join(given_client_flags(args)) or "--json"
         parser.error(f"{flags}: for `softserve tasks`, not for `serve`")
     try:

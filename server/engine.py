@@ -1,15 +1,16 @@
 """The engine: one thread owns the model and the running batch (continuous batching of mixed tasks).
 
-Every step: finished, cancelled and timed-out rows leave; waiting requests are prefilled together (KV prefix
-+ prompt, left-padded among themselves) and merged into the running batch; then every row decodes one token.
-Each row keeps its own KV prefix, positions (the prompt continues at the prefix's `next_position`), optional
-ACCEPT delta and sampling params.
+Every step: finished, cancelled and timed-out rows leave their KV slots; waiting requests are prefilled
+together (KV prefix + cached prompt blocks + the rest of the prompt, left-padded among themselves) and
+gathered into free slots; then every row decodes one token. Each row keeps its own KV prefix, positions
+(the prompt continues at the prefix's `next_position`), optional ACCEPT delta and sampling params. The
+per-row events (accepting tokens, finishing, freeing slots) are in `server/engine_rows.py`.
 
 Failures stay with their request: checks that could fail a shared forward (prompt ids, context, the task's
 prefix) run per row before the prefill; sampling, stop strings and text decoding are per row (a row that
 fails there ends with an error, the others carry on). Only the shared forward can fail several rows at once,
-and then each of them is run once alone (prefilled alone, or decoded alone from its own copy of the cache)
-before any of them gets an error; a forward that fails alone fails its one row.
+and then each of them is run once alone (prefilled alone, or decoded alone in its own slot) before any of
+them gets an error; a forward that fails alone fails its one row.
 """
 
 from __future__ import annotations
@@ -21,21 +22,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from prompt_store import TaskKey, TaskPrompt
 from prompt_store.lru import ByteLRU
-from runtime.batch_state import BatchState, Forward, PrefillItem, decode_rows, prefill_rows
+from runtime.batch_state import BatchState, PrefillItem, decode_rows, prefill_rows
 from runtime.kv_slots import token_bytes
 from runtime.model_runner import ModelRunner
+from runtime.prompt_cache import PromptCache
+from server.engine_rows import RowEvents
 from server.memory import MemoryTrimmer
 from server.prefixes import DevicePrefix, bare_prefix, device_prefixes
 from server.requests import GenerationRequest, TokenEvent
-from server.rows import new_row
-from server.sampling import RowSampler, Sampled, TextStream, sample_batch
+from server.rows import Row, new_row
 from server.waiting import Deliver, Pending, WaitingQueue, leave_reason
 
 log = logging.getLogger("softserve.engine")
@@ -43,24 +42,7 @@ log = logging.getLogger("softserve.engine")
 DEFAULT_ROW_TOKENS = 2048 + 512  # the server's default max_prompt_tokens + max_new_tokens
 
 
-@dataclass
-class _Row:
-    """Per-request state while the request is in the running batch."""
-
-    pending: Pending
-    stream: TextStream
-    sampler: RowSampler  # params, generator, penalty counts
-    next_pos: int  # position id the next fed token gets
-    columns: int  # KV columns the row holds once its last sampled token is fed
-    tokens: list[int] = field(default_factory=list)
-    finished: bool = False
-
-    @property
-    def req(self) -> GenerationRequest:
-        return self.pending.req
-
-
-class Engine:
+class Engine(RowEvents):
     def __init__(
         self,
         runner: ModelRunner,
@@ -69,6 +51,7 @@ class Engine:
         prefix_cache_bytes: int = 256 * 1024 * 1024,
         row_capacity: int | None = None,
         kv_cache_bytes: int | None = None,
+        prompt_cache_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.runner = runner
         # KV slots: one per row, `row_capacity` columns each (prefix + prompt + generated), preallocated.
@@ -85,17 +68,20 @@ class Engine:
             max_batch_size = min(max_batch_size, kv_cache_bytes // row_bytes)
         self.max_batch_size = max_batch_size
         self._state = BatchState(runner, max_batch_size, self.row_capacity)
+        if kv_cache_bytes is not None:  # running rows' slots first; the prompt cache gets what is left
+            prompt_cache_bytes = min(prompt_cache_bytes, kv_cache_bytes - self._state.kv.nbytes)
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.max_queue = max_queue
         self.prefix_cache: ByteLRU[TaskKey, DevicePrefix] = ByteLRU(prefix_cache_bytes)
         self.memory = MemoryTrimmer()  # evicted prefixes' host memory goes back to the OS
         self._inbox = WaitingQueue(max_queue)
         self._cv = self._inbox.cv
-        self._rows: list[_Row] = []  # row b lives in KV slot b
+        self._rows: list[Row] = []  # row b lives in KV slot b
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._abort = False
         self._bare = bare_prefix(runner)
-        self._admitting: list[_Row] = []  # rows between their prefill and the merge into the batch
+        self._admitting: list[Row] = []  # rows between their prefill and the merge into the batch
         self._taken = 0  # requests taken from the queue whose admission is under way
         self._admission: list[Pending] = []  # those requests (cancel() finds them before they are merged)
         # metrics
@@ -231,6 +217,7 @@ class Engine:
             "prefix_cache_hits": self.prefix_cache.hits,
             "prefix_cache_misses": self.prefix_cache.misses,
             "prefix_cache_bytes": self.prefix_cache.bytes,
+            **self.prompt_cache.stats(),
         }
 
     @property
@@ -304,17 +291,20 @@ class Engine:
         self._compact()
 
     def _admit(self, admitted: list[Pending]) -> None:
-        rows: list[_Row] = []
+        rows: list[Row] = []
         items: list[PrefillItem] = []
         prefixes = self._prefixes([p.req.task for p in admitted if p.req.task is not None])
         for p in admitted:
             try:
-                item, stream, sampler = new_row(self.runner, self.prefix_cache, self._bare, p.req, prefixes)
-                if item.length > self.row_capacity:
-                    raise ValueError(
-                        f"prompt ({len(item.ids)} tokens) after the task's {item.prefix_len} virtual tokens "
-                        f"exceeds the KV row capacity of {self.row_capacity} tokens"
-                    )
+                row, item = new_row(
+                    self.runner,
+                    self.prefix_cache,
+                    self._bare,
+                    p,
+                    prefixes,
+                    self.prompt_cache,
+                    self.row_capacity,
+                )
             except Exception as exc:
                 log.warning(
                     "request %d rejected before prefill: %s",
@@ -327,7 +317,7 @@ class Engine:
             if p.req.params.max_new_tokens <= 0:
                 self._send(p, TokenEvent(None, "", finish_reason="length"))
                 continue
-            rows.append(_Row(p, stream, sampler, item.next_position + len(item.ids), item.length))
+            rows.append(row)
             items.append(item)
         if not rows:
             return
@@ -338,7 +328,7 @@ class Engine:
             self._admitting = []
         log.debug("admitted %d; batch %d, waiting %d", len(rows), len(self._rows), len(self._inbox))
 
-    def _prefill(self, rows: list[_Row], items: list[PrefillItem]) -> None:
+    def _prefill(self, rows: list[Row], items: list[PrefillItem]) -> None:
         """Prefill `rows`, accept their first tokens and move the rows still running into KV slots. A failed
         forward of several rows is retried once for each row alone."""
         out = prefill_rows(self.runner, items)
@@ -347,9 +337,10 @@ class Engine:
         if out.logits is None or out.parts is None:
             return
         self._accept_sampled(ran, out.logits)
-        admitted: list[_Row] = []
+        admitted: list[Row] = []
         by_forward: dict[int, tuple[Any, list[int]]] = {}  # forward -> (its rows, their indices there)
         for row, (part, g) in zip(ran, out.parts, strict=True):
+            self.prompt_cache.insert_prefilled(part, g, row.lookup)
             if not row.finished:
                 by_forward.setdefault(id(part), (part, []))[1].append(g)
                 admitted.append(row)
@@ -371,29 +362,6 @@ class Engine:
             self._accept_sampled(ran, out.logits, advance=True)
         self._compact()
 
-    def _forward_failures(self, phase: str, rows: list[_Row], out: Forward) -> None:
-        """Count and log the failed forwards; the rows whose own forward failed end with an error."""
-        self.step_errors += out.errors
-        if out.shared_error is not None:
-            log.error(
-                "%s forward of %d rows failed; running each alone",
-                phase,
-                len(rows),
-                exc_info=out.shared_error,
-            )
-        for i, exc in out.failed.items():
-            req = rows[i].req
-            log.error("%s of request %d failed", phase, req.request_id, exc_info=exc, extra=req.log_extra)
-            error = f"{phase} failed: {type(exc).__name__}: {exc}"[:300]
-            self._finish(rows[i], TokenEvent(None, "", finish_reason="error", error=error))
-
-    def _accept_sampled(self, rows: list[_Row], logits: torch.Tensor, advance: bool = False) -> None:
-        """One token per row sampled from logits [B, V] (a row's sampling error is its own) and accepted."""
-        tokens = sample_batch(logits, [r.sampler for r in rows])
-        for row, token in zip(rows, tokens, strict=True):
-            row.next_pos += advance
-            self._accept_token(row, token)
-
     # ---- per-row bookkeeping -----------------------------------------------------------------------------
 
     def _prefixes(self, tasks: list[TaskPrompt]) -> dict[TaskKey, DevicePrefix]:
@@ -405,100 +373,6 @@ class Engine:
             log.exception("batched prefix conversion of %d tasks failed; converting one by one", len(tasks))
             return {}
 
-    def _accept_token(self, row: _Row, sampled: Sampled | Exception) -> None:
-        """Turn a sampled token into the row's event (and its end, if it is one); a sampling error ends it."""
-        if isinstance(sampled, Exception):
-            exc = sampled
-            log.warning("request %d: sampling failed: %s", row.req.request_id, exc, extra=row.req.log_extra)
-            error = f"sampling failed: {type(exc).__name__}: {exc}"[:300]
-            self._finish(row, TokenEvent(None, "", finish_reason="error", error=error))
-            return
-        token = sampled.token
-        if not row.tokens:
-            self.ttft_samples.append(time.monotonic() - row.pending.submitted)
-        row.tokens.append(token)
-        if token in self.runner.eos_ids:  # never fed back: the row ends here
-            self._finish(row, TokenEvent(None, row.stream.flush(), finish_reason="stop"))
-            return
-        self.tokens_generated += 1
-        try:
-            text, stopped = row.stream.push(token)
-            if stopped:
-                event = TokenEvent(token, text, finish_reason="stop")
-            elif (
-                len(row.tokens) >= row.req.params.max_new_tokens
-                or row.next_pos >= self.runner.max_context
-                or row.columns >= self.row_capacity
-            ):
-                event = TokenEvent(token, text + row.stream.flush(), finish_reason="length")
-            else:
-                event = TokenEvent(token, text)
-        except Exception as exc:  # e.g. the tokenizer cannot decode: this row alone fails
-            log.exception("request %d: decoding its text failed", row.req.request_id, extra=row.req.log_extra)
-            event = TokenEvent(None, "", finish_reason="error", error=f"decode failed: {type(exc).__name__}")
-        event = sampled.annotate(event)  # its log-probs, when asked
-        if event.finish_reason is not None:
-            self._finish(row, event)
-        else:
-            self._send(row.pending, event)
-
-    def _finish(self, row: _Row, event: TokenEvent) -> None:
-        row.finished = True
-        log.debug(
-            "request %d finished: %s after %d tokens",
-            row.req.request_id,
-            event.finish_reason,
-            len(row.tokens),
-            extra=row.req.log_extra,
-        )
-        self._send(row.pending, event)
-
-    def _send(self, pending: Pending, event: TokenEvent) -> None:
-        """Deliver one event; a final event is counted by its finish_reason."""
-        if event.finish_reason is not None:
-            self.finished[event.finish_reason] = self.finished.get(event.finish_reason, 0) + 1
-        try:
-            pending.deliver(event)
-        except Exception:  # e.g. the receiving event loop is closed: nobody listens any more
-            log.warning(
-                "request %d: event delivery failed; cancelling it",
-                pending.req.request_id,
-                extra=pending.req.log_extra,
-            )
-            pending.req.cancelled.set()
-
-    def _fail_rows(self, rows: list[_Row], message: str) -> None:
-        """Finish `rows` with finish_reason error; failing the running batch frees its slots too."""
-        running = rows is self._rows
-        for row in rows:
-            if not row.finished:
-                self._finish(row, TokenEvent(None, "", finish_reason="error", error=message))
-        if running:
-            self._clear_rows()
-
-    def _clear_rows(self) -> None:
-        self._state.retire(set(range(self._state.size)))
-        self._rows = []
-
-    def _compact(self) -> None:
-        """Finished rows leave their KV slots; the last rows move into the holes (one row copied per hole)."""
-        finished = {i for i, r in enumerate(self._rows) if r.finished}
-        if not finished:
-            return
-        source = self._state.retire(finished)
-        self._rows = [self._rows[i] for i in source]
-
     def kv_copied(self) -> dict[str, int]:
         """Bytes written into / moved within KV storage by admissions and retirements (cumulative)."""
         return dict(self._state.kv.copied)
-
-    def _finish_everything(self, reason: str) -> None:
-        waiting, warm = self._inbox.clear()
-        for _, done in warm:
-            done(False)
-        for p in waiting:
-            self._send(p, TokenEvent(None, "", finish_reason=reason))
-        for row in self._rows:
-            if not row.finished:
-                self._finish(row, TokenEvent(None, "", finish_reason=reason))
-        self._clear_rows()

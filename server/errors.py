@@ -188,6 +188,8 @@ def openai_body(status: int, message: str, param: str | None, code: str | None) 
 def openai_error(exc: StoreError | ServerError) -> dict[str, Any]:
     """A /v1 route's only lookup is the model (= task id): the store's `task_id` is the client's `model`."""
     param = "model" if exc.field == "task_id" else exc.field
+    if isinstance(exc, NotFound) and exc.field not in (None, "task_id", "model"):
+        return openai_body(404, exc.message, exc.field, "not_found")  # a file or a fine-tuning job
     if isinstance(exc, NotFound):
         return openai_body(404, exc.message, "model", "model_not_found")
     return openai_body(status_for(exc), exc.message, param, reason_for(exc))

@@ -30,6 +30,9 @@ ALWAYS_LABELLED = frozenset({"base", OTHER_TASKS})  # the bare model never takes
 MAX_VERSIONS_PER_TASK = 3
 CACHE_SERVING_FORMS = "serving_forms"  # prompt_store ServingCache: artifact -> serving form (CPU)
 CACHE_DEVICE_PREFIX = "device_prefix"  # the engine's KV prefixes on the model's device
+CACHE_PROMPT_BLOCKS = (
+    "prompt_blocks"  # the prompt cache's KV blocks of prompt tokens (runtime/prompt_cache.py)
+)
 
 
 class CacheCounts(Protocol):
@@ -270,3 +273,17 @@ class ServerCollector(Collector):
             ("softserve_tokens_per_second", "tokens_per_s", "Decode throughput (recent)"),
         ):
             yield GaugeMetricFamily(name, text, value=float(stats.get(key, 0) or 0))
+        for name, key, text in (
+            (
+                "softserve_prompt_cache_hit_tokens",
+                "prompt_cache_hit_tokens",
+                "Prompt tokens whose KV was reused",
+            ),
+            ("softserve_prompt_cache_miss_tokens", "prompt_cache_miss_tokens", "Prompt tokens prefilled"),
+        ):
+            yield CounterMetricFamily(name, text, value=float(stats.get(key, 0) or 0))
+        yield GaugeMetricFamily(
+            "softserve_prompt_cache_hit_rate",
+            "Prompt tokens reused / all prompt tokens since start",
+            value=float(stats.get("prompt_cache_hit_rate", 0.0) or 0.0),
+        )

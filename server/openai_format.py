@@ -53,11 +53,12 @@ def finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def usage(prepared: Prepared, completion: int) -> dict[str, int]:
+def usage(prepared: Prepared, completion: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prepared.prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prepared.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": prepared.cached_tokens},
     }
 
 

@@ -12,6 +12,7 @@ import torch
 
 from prompt_store import SoftPrompt, TaskKey, TaskPrompt
 from prompt_store.lru import ByteLRU
+from prompt_store.types import ADDED_AT_USER_TEXT
 from runtime.model_runner import ModelRunner
 
 
@@ -23,6 +24,7 @@ class DevicePrefix:
     values: torch.Tensor  # [L, Hkv, m, Dh]
     next_position: int
     added: torch.Tensor | None = None  # [s, d]
+    added_at_user_text: bool = False  # the delta starts at the user text (runtime.input_format), not at 0
 
     def nbytes(self) -> int:
         parts = (self.keys, self.values, self.added)
@@ -89,7 +91,8 @@ def _store(
 ) -> DevicePrefix:
     prompt = task.prompt
     added = None if prompt.added is None else prompt.added.to(runner.device, runner.dtype)  # [s, d]
-    entry = DevicePrefix(kv[0], kv[1], int(prompt.next_position), added)
+    at_user = prompt.added_at == ADDED_AT_USER_TEXT
+    entry = DevicePrefix(kv[0], kv[1], int(prompt.next_position), added, at_user)
     check_prefix(entry, runner)
     return cache.put(task.key, entry, entry.nbytes())
 

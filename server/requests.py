@@ -50,6 +50,7 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     http_request_id: str | None = None  # the X-Request-ID of the HTTP request (server.request_id)
     admitted_at: float | None = None  # time.monotonic() when the engine took it from the queue
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache (set at admission)
     # filled in by Engine.submit: where the engine thread delivers events
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue[TokenEvent] | None = None

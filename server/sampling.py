@@ -16,64 +16,57 @@ Per step, for the rows of a batch (vectorised over the rows that ask for each pa
      (bias, penalties), before temperature, top-k and top-p, which only shape how the token is drawn;
   4. the token: argmax(scores) when greedy, else drawn from softmax(filter(scores / T)).
 A row that asks for none of 1-3 is never copied or changed: its token is exactly what it was without them.
+Steps 1-2 live in server.logits.
+
+Batched draw (step 4): the per-row temperature, top-k and top-p are tensors built once per row set (`_Plan`,
+cached while the rows stay the same). Top-p rows are sorted once, together, and filtered in sorted order
+(top-k first: every token below the k-th score goes, ties at the k-th stay; then the nucleus); top-k-only
+rows are cut at their k-th score (torch.topk, no sort); rows that ask for neither are not filtered. Each
+drawn row takes one uniform u from its own generator per step and gets the first token whose cumulative
+probability exceeds u times the total (inverse CDF, over all drawn rows at once), so a seed gives the same
+tokens alone or in any batch. The tokens, the per-row finiteness flags and the log-probs reach the host in
+one transfer per call (`_to_host`).
 """
 
 from __future__ import annotations
 
-import secrets
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
+from server.logits import (
+    GREEDY_BELOW,
+    RowSampler,
+    is_greedy,
+    make_generator,
+    process_logits,
+    processed_scores,
+)
 from server.requests import SamplingParams, TokenEvent
 
+__all__ = [
+    "GREEDY_BELOW",
+    "NonFiniteLogits",
+    "REPLACEMENT_CHAR",
+    "RowSampler",
+    "Sampled",
+    "TextStream",
+    "is_greedy",
+    "make_generator",
+    "process_logits",
+    "sample_batch",
+    "sample_tokens",
+]
+
 REPLACEMENT_CHAR = "\ufffd"
-GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 
 
 class NonFiniteLogits(ValueError):
     """The model's logits for one row contain NaN or +inf (or are all -inf): nothing can be sampled."""
-
-
-def is_greedy(params: SamplingParams) -> bool:
-    return params.temperature < GREEDY_BELOW
-
-
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A per-request generator (seeded if the request has a seed); None for greedy requests."""
-    if is_greedy(params):
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-    return gen
-
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [V] -> logits [V] with everything outside top-k / the top-p nucleus set to -inf.
-
-    The most likely token always stays, so at least one token can be sampled whatever top_p is.
-    """
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]  # []
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # [V]
-    if 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)  # [V], [V]
-        probs = torch.softmax(sorted_logits, dim=-1)  # [V]
-        drop_sorted = probs.cumsum(-1) - probs >= top_p  # [V] mass before the token >= p
-        drop_sorted[0] = False  # the top token stays (top_p may round to 0 in float32)
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)  # [V]
-        logits = logits.masked_fill(drop, float("-inf"))  # [V]
-    return logits
-
-
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits [V] (float32, finite maximum) -> one token id."""
-    if is_greedy(params) or generator is None:
-        return int(torch.argmax(logits))
-    scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)  # [V]
-    probs = torch.softmax(scaled, dim=-1)  # [V]
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @dataclass(frozen=True)
@@ -91,119 +84,152 @@ class Sampled:
         return replace(event, logprob=self.logprob, top_logprobs=self.top_logprobs)
 
 
-class RowSampler:
-    """One row's sampling state: its params, its generator (None when greedy) and, when a penalty needs
-    them, the counts [V] of the tokens it generated; the logit bias as a dense row [V], built at first use."""
+@dataclass(frozen=True)
+class _Plan:
+    """A row set's per-row sampling parameters as tensors. The drawn rows are ordered top-p rows first
+    (`nucleus` of them), then top-k-only rows (`cut`), then plain ones."""
 
-    def __init__(self, params: SamplingParams, generator: torch.Generator | None) -> None:
-        self.params = params
-        self.generator = generator
-        self.penalised = (
-            params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1
+    rows: tuple[weakref.ref[RowSampler], ...]
+    drawn: tuple[int, ...]  # batch rows drawn at random, in the order above
+    drawn_idx: torch.Tensor  # [S] long
+    nucleus: int
+    cut: int
+    temperature: torch.Tensor  # [S, 1] float32
+    top_k: torch.Tensor  # [S, 1] long, V when off
+    k_max: int  # the largest k of the top-k-only rows
+    top_p: torch.Tensor  # [nucleus, 1] float32, 2 when off (nothing dropped)
+    logprob_rows: tuple[int, ...]  # batch rows that asked for log-probs
+    logprob_idx: torch.Tensor  # [L] long
+    logprob_k: int  # the most alternatives any of them asked for
+
+    def matches(self, samplers: Sequence[RowSampler]) -> bool:
+        return len(self.rows) == len(samplers) and all(
+            r() is s for r, s in zip(self.rows, samplers, strict=True)
         )
-        self.counts: torch.Tensor | None = None  # [V] float32
-        self._bias: torch.Tensor | None = None  # [V] float32
-
-    @classmethod
-    def create(cls, params: SamplingParams, device: torch.device, vocab_size: int) -> RowSampler:
-        """Refuses (ValueError) a logit bias on a token id outside the vocabulary, before any forward."""
-        bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        return cls(params, make_generator(params, device))
-
-    @property
-    def processes(self) -> bool:
-        return self.penalised or bool(self.params.logit_bias)
-
-    def bias(self, like: torch.Tensor) -> torch.Tensor:
-        """The dense logit bias [V] for a score row like `like` [V]."""
-        if self._bias is None:
-            ids = torch.tensor([t for t, _ in self.params.logit_bias], dtype=torch.long)  # [K]
-            values = torch.tensor([v for _, v in self.params.logit_bias], dtype=torch.float32)  # [K]
-            dense = torch.zeros(like.shape[-1], dtype=torch.float32)  # [V]
-            self._bias = dense.index_put_((ids,), values).to(like.device)  # [V]
-        return self._bias
-
-    def token_counts(self, like: torch.Tensor) -> torch.Tensor:
-        if self.counts is None:
-            self.counts = torch.zeros(like.shape[-1], dtype=torch.float32, device=like.device)  # [V]
-        return self.counts
-
-    def observe(self, token: int) -> None:
-        """Count a generated token (only a penalised row keeps counts)."""
-        if self.penalised and self.counts is not None:
-            self.counts[token] += 1
 
 
-def process_logits(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.Tensor:
-    """logits [B, V] -> scores [B, V]: steps 1-2 of the module docstring for the rows that ask for them.
+def _build_plan(samplers: Sequence[RowSampler], vocab: int, device: torch.device) -> _Plan:
+    drawn = [b for b, s in enumerate(samplers) if s.sampled]
+    has_k = {b for b in drawn if 0 < samplers[b].params.top_k < vocab}
+    has_p = [b for b in drawn if 0 < samplers[b].params.top_p < 1]
+    cut = [b for b in drawn if b in has_k and b not in has_p]
+    order = has_p + cut + [b for b in drawn if b not in has_k and b not in has_p]
+    params = [samplers[b].params for b in order]
+    logprob_rows = tuple(b for b, s in enumerate(samplers) if s.params.logprobs is not None)
 
-    Returns `logits` itself when no row does; otherwise a float32 copy in which only those rows changed.
-    """
-    rows = [b for b, s in enumerate(samplers) if s.processes]
-    if not rows:
-        return logits
-    scores = logits.float().clone()  # [B, V]
-    biased = [b for b in rows if samplers[b].params.logit_bias]
-    if biased:
-        bias = torch.stack([samplers[b].bias(scores[b]) for b in biased])  # [Pb, V]
-        scores[biased] = scores[biased] + bias  # [Pb, V]
-    penalised = [b for b in rows if samplers[b].penalised]
-    if penalised:
-        x = scores[penalised]  # [Pp, V]
-        counts = torch.stack([samplers[b].token_counts(scores[b]) for b in penalised])  # [Pp, V]
-        params = [samplers[b].params for b in penalised]
-        per_row = torch.tensor(
-            [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
-            dtype=torch.float32,
-            device=x.device,
-        )  # [Pp, 3]
-        rep, freq, pres = per_row[:, 0:1], per_row[:, 1:2], per_row[:, 2:3]  # [Pp, 1] each
-        seen = counts > 0  # [Pp, V]
-        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)  # [Pp, V]
-        x = x - counts * freq - seen.to(x.dtype) * pres  # [Pp, V]
-        scores[penalised] = x  # [Pp, V]
-    return scores
+    def tensor(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device)
+
+    return _Plan(
+        rows=tuple(weakref.ref(s) for s in samplers),
+        drawn=tuple(order),
+        drawn_idx=tensor(order, torch.long),  # [S]
+        nucleus=len(has_p),
+        cut=len(cut),
+        temperature=tensor([p.temperature for p in params], torch.float32)[:, None],  # [S, 1]
+        top_k=tensor([samplers[b].params.top_k if b in has_k else vocab for b in order], torch.long)[:, None],
+        k_max=max((samplers[b].params.top_k for b in cut), default=0),
+        top_p=tensor([p.top_p for p in params[: len(has_p)]], torch.float32)[:, None],  # [nucleus, 1]
+        logprob_rows=logprob_rows,
+        logprob_idx=tensor(list(logprob_rows), torch.long),  # [L]
+        logprob_k=min(max((samplers[b].params.logprobs or 0 for b in logprob_rows), default=0), vocab),
+    )
 
 
-def _scores(
-    logits: torch.Tensor, samplers: Sequence[RowSampler]
-) -> tuple[torch.Tensor, dict[int, Exception]]:
-    """Processed scores [B, V]; if processing the rows together fails, each row is processed alone and a
-    row whose own processing fails gets its exception (its scores row is left as the logits)."""
-    try:
-        return process_logits(logits, samplers), {}
-    except Exception:
-        failed: dict[int, Exception] = {}
-        scores = logits.float().clone()  # [B, V]
-        for b, s in enumerate(samplers):
-            try:
-                scores[b] = process_logits(logits[b : b + 1], [s])[0]  # [V]
-            except Exception as exc:
-                failed[b] = exc
-        return scores, failed
+_PLANS: OrderedDict[tuple[object, ...], _Plan] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
 
 
-def _logprobs(
-    scores: torch.Tensor, tokens: Sequence[int | Exception], samplers: Sequence[RowSampler]
-) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
-    """Per row that asks: (log-prob of its token, its top-k (id, log-prob)) from log_softmax(scores)."""
-    rows = [b for b, s in enumerate(samplers) if s.params.logprobs is not None and isinstance(tokens[b], int)]
-    if not rows:
-        return {}
-    lp = torch.log_softmax(scores[rows].float(), dim=-1)  # [R, V]
-    chosen_ids = torch.tensor([tokens[b] for b in rows], dtype=torch.long, device=lp.device)  # [R]
-    chosen = lp.gather(1, chosen_ids[:, None])[:, 0]  # [R]
-    k = min(max(samplers[b].params.logprobs or 0 for b in rows), lp.shape[-1])
-    top = torch.topk(lp, k, dim=-1) if k else None  # values, indices [R, k]
-    chosen_list = chosen.tolist()
-    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
-    out: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {}
-    for r, b in enumerate(rows):
+def _plan(samplers: Sequence[RowSampler], vocab: int, device: torch.device) -> _Plan:
+    """The row set's plan, built once while the same samplers (by identity) come back in the same order."""
+    key = (vocab, device, *map(id, samplers))
+    with _PLANS_LOCK:
+        plan = _PLANS.get(key)
+        if plan is not None and plan.matches(samplers):
+            _PLANS.move_to_end(key)
+            return plan
+    plan = _build_plan(samplers, vocab, device)
+    with _PLANS_LOCK:
+        _PLANS[key] = plan
+        while len(_PLANS) > 8:  # a few engines' current row sets
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights [N, V] (>= 0, unnormalised), u [N, 1] in [0, 1) -> (index [N, 1] of the first token whose
+    cumulative weight exceeds u * total, ok [N]: the total is finite and positive)."""
+    cdf = weights.cumsum(-1)  # [N, V]
+    total = cdf[:, -1:]  # [N, 1]
+    index = torch.searchsorted(cdf, u * total, right=True).clamp_(max=weights.shape[-1] - 1)  # [N, 1]
+    return index, (torch.isfinite(total) & (total > 0))[:, 0]
+
+
+def _draw(scores: torch.Tensor, plan: _Plan, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [B, V], u [S, 1] -> (token [S], ok [S]) for the plan's drawn rows."""
+    x = scores[plan.drawn_idx].float() / plan.temperature  # [S, V] a copy: scores stay as they are
+    n, k = plan.nucleus, plan.nucleus + plan.cut
+    tokens, ok = [], []
+    if n:
+        ranked, order = torch.sort(x[:n], dim=-1, descending=True, stable=True)  # [n, V] each
+        kth = ranked.gather(1, plan.top_k[:n] - 1)  # [n, 1]
+        ranked = ranked.masked_fill(ranked < kth, float("-inf"))  # [n, V] top-k (ties at the k-th stay)
+        probs = torch.softmax(ranked, dim=-1)  # [n, V]
+        drop = probs.cumsum(-1) - probs >= plan.top_p  # [n, V] mass before the token >= p
+        drop[:, 0] = False  # the top token stays (top_p may round to 0 in float32)
+        index, fine = _inverse_cdf(probs.masked_fill(drop, 0.0), u[:n])  # [n, 1], [n]
+        tokens.append(order.gather(1, index)[:, 0])  # [n]
+        ok.append(fine)
+    if k > n:
+        kth = torch.topk(x[n:k], plan.k_max, dim=-1).values.gather(1, plan.top_k[n:k] - 1)  # [c, 1]
+        x[n:k] = x[n:k].masked_fill(x[n:k] < kth, float("-inf"))  # [c, V]
+    if x.shape[0] > n:
+        index, fine = _inverse_cdf(torch.softmax(x[n:], dim=-1), u[n:])  # [S - n, 1], [S - n]
+        tokens.append(index[:, 0])
+        ok.append(fine)
+    return torch.cat(tokens), torch.cat(ok)  # [S], [S]
+
+
+def _device_step(scores: torch.Tensor, plan: _Plan, u: torch.Tensor) -> torch.Tensor:
+    """scores [B, V] -> one vector: token [B], ok [B], then for the log-prob rows (if any; else int64) the
+    token's log-prob [L] and the top alternatives' log-probs [L * k] and ids [L * k]. Nothing leaves the
+    device."""
+    top, tokens = torch.max(scores, dim=-1)  # [B], [B] argmax: the greedy token; NaN and +inf propagate
+    ok = torch.isfinite(top)  # [B]
+    if plan.drawn:
+        drawn, fine = _draw(scores, plan, u)  # [S], [S]
+        tokens = tokens.index_put((plan.drawn_idx,), drawn)  # [B]
+        ok = ok.index_put((plan.drawn_idx,), ok[plan.drawn_idx] & fine)  # [B]
+    parts = [tokens, ok.long()]
+    if plan.logprob_rows:  # log-probs too: float64 holds every token id exactly
+        parts = [tokens.double(), ok.double()]
+        lp = torch.log_softmax(scores[plan.logprob_idx].float(), dim=-1)  # [L, V]
+        parts.append(lp.gather(1, tokens[plan.logprob_idx, None])[:, 0].double())  # [L]
+        if plan.logprob_k:
+            best = torch.topk(lp, plan.logprob_k, dim=-1)  # values, indices [L, k]
+            parts += [best.values.flatten().double(), best.indices.flatten().double()]  # [L * k] each
+    return torch.cat(parts)  # [2B + L + 2Lk]
+
+
+def _to_host(values: torch.Tensor) -> list[float]:
+    """The call's one device -> host transfer."""
+    return values.tolist()
+
+
+def _unpack(flat: list[float], plan: _Plan, samplers: Sequence[RowSampler]) -> list[Sampled | Exception]:
+    size, lp_rows, k = len(samplers), plan.logprob_rows, plan.logprob_k
+    tokens, ok = flat[:size], flat[size : 2 * size]
+    out: list[Sampled | Exception] = [
+        Sampled(int(t)) if fine else NonFiniteLogits("the model produced non-finite logits for this request")
+        for t, fine in zip(tokens, ok, strict=True)
+    ]
+    at = 2 * size + len(lp_rows)  # the chosen tokens' log-probs are flat[2 * size : at]
+    values, ids = flat[at : at + len(lp_rows) * k], flat[at + len(lp_rows) * k :]
+    for r, b in enumerate(lp_rows):
         want = samplers[b].params.logprobs or 0
-        pairs = tuple(zip(top_ids[r][:want], top_values[r][:want], strict=True)) if want else ()
-        out[b] = (float(chosen_list[r]), pairs)
+        if ok[b]:
+            pairs = tuple((int(ids[r * k + j]), values[r * k + j]) for j in range(want))
+            out[b] = Sampled(int(tokens[b]), flat[2 * size + r], pairs)
     return out
 
 
@@ -211,45 +237,37 @@ def sample_batch(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[S
     """logits [B, V] -> per row its Sampled token, or the exception that row raised (it fails alone).
 
     Greedy rows share one argmax; a row whose maximum score is not finite (NaN propagates into the maximum,
-    as does +inf; an all -inf row has -inf) is refused with NonFiniteLogits before anything is sampled.
+    as does +inf; an all -inf row has -inf) is refused with NonFiniteLogits. If the rows fail together, each
+    is computed alone (with the same draw), so a failure is its row's.
     """
-    scores, failed = _scores(logits, samplers)  # [B, V]
-    greedy = torch.argmax(scores, dim=-1)  # [B]
-    finite = torch.isfinite(torch.amax(scores, dim=-1))  # [B]
-    greedy_ids, finite_rows = torch.stack([greedy, finite.long()]).tolist()  # one device sync
-    tokens: list[int | Exception] = []
-    for b, s in enumerate(samplers):
-        if b in failed:
-            tokens.append(failed[b])
-        elif not finite_rows[b]:
-            tokens.append(NonFiniteLogits("the model produced non-finite logits for this request"))
-        elif is_greedy(s.params) or s.generator is None:
-            tokens.append(int(greedy_ids[b]))
-        else:
-            try:
-                tokens.append(sample_row(scores[b], s.params, s.generator))
-            except Exception as exc:  # this row's sampling failed; the others are unaffected
-                tokens.append(exc)
+    scores, failed = processed_scores(logits, samplers)  # [B, V]
+    plan = _plan(samplers, logits.shape[-1], logits.device)
+    draws: dict[int, torch.Tensor] = {}
+    for b in plan.drawn:
+        gen = samplers[b].generator
+        assert gen is not None  # drawn rows have one
+        try:
+            draws[b] = torch.rand(1, generator=gen, device=gen.device).to(logits.device)  # [1]
+        except Exception as exc:  # e.g. a generator on another device: this row's failure
+            failed[b] = exc
+    zero = torch.zeros(1, device=logits.device)  # [1]
+    u = torch.stack([draws.get(b, zero) for b in plan.drawn]) if plan.drawn else zero[:, None]  # [S, 1]
     try:
-        logprobs = _logprobs(scores, tokens, samplers)
-    except Exception:  # computed together failed: each row alone, a failure is that row's
-        logprobs = {}
-        for b in range(len(samplers)):
+        out = _unpack(_to_host(_device_step(scores, plan, u)), plan, samplers)
+    except Exception:  # together failed: each row alone, a failure is that row's
+        out = []
+        for b, s in enumerate(samplers):
             try:
-                single = _logprobs(scores[b : b + 1], tokens[b : b + 1], samplers[b : b + 1])
+                alone = _build_plan([s], logits.shape[-1], logits.device)  # not cached
+                row_u = draws.get(b, zero)[:, None]  # [1, 1]
+                out.append(_unpack(_to_host(_device_step(scores[b : b + 1], alone, row_u)), alone, [s])[0])
             except Exception as exc:
-                tokens[b] = exc
-                continue
-            if 0 in single:
-                logprobs[b] = single[0]
-    out: list[Sampled | Exception] = []
-    for b, (s, token) in enumerate(zip(samplers, tokens, strict=True)):
-        if isinstance(token, Exception):
-            out.append(token)
-            continue
-        s.observe(token)
-        lp, top = logprobs.get(b, (None, ()))
-        out.append(Sampled(token, lp, top))
+                out.append(exc)
+    for b, error in failed.items():
+        out[b] = error
+    for s, result in zip(samplers, out, strict=True):
+        if isinstance(result, Sampled):
+            s.observe(result.token)
     return out
 
 

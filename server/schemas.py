@@ -78,6 +78,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     virtual_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(0, description="prompt tokens whose KV came from the prompt cache")
 
 
 class Timings(BaseModel):

@@ -65,6 +65,11 @@ class Prepared:
         return sum(self.prompt_counts)
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prompt cache: each prompt counted once (its first choice)."""
+        return sum(self.requests[i * self.n].cached_tokens for i in range(len(self.prompt_counts)))
+
+    @property
     def system_fingerprint(self) -> str:
         """The task version that answered: `task@version`, or `base` for the bare model."""
         return BASE_TASK if self.task_id == BASE_TASK else f"{self.task_id}@{self.task_version}"

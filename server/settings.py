@@ -36,7 +36,11 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None, description="HF model name or path; empty = embedded SmolLM2-135M-Instruct"
     )
-    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    dtype: str = Field(
+        "auto",
+        pattern="^(auto|float32|float16|bfloat16)$",
+        description="auto = bfloat16 on CUDA, float32 on CPU",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
     # store
@@ -64,6 +68,11 @@ class Settings(BaseSettings):
         description="KV columns per row (virtual + prompt + generated tokens); default: max_prompt_tokens + "
         "max_new_tokens, at most the model context",
     )
+    prompt_cache_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="KV blocks of prompt tokens reused across requests (0: off); inside kv_cache_bytes",
+    )
     kv_cache_bytes: int | None = Field(
         None,
         ge=1024,
@@ -74,6 +83,19 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
     max_virtual_tokens: int = Field(1024, ge=1)
+
+    # fine-tuning files and jobs (/v1/files, /v1/fine_tuning/jobs; run by jobs.worker)
+    file_max_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest training file")
+    file_max_lines: int = Field(100_000, ge=1, description="most examples in one training file")
+    max_queued_jobs: int = Field(16, ge=1, description="jobs waiting to run; more are refused with 429")
+    embedded_worker: bool = Field(True, description="the server supervises one local `jobs.worker`")
+    worker_concurrency: int = Field(1, ge=1, le=64, description="jobs one worker trains at once")
+    job_heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="a running job whose worker is silent this long is failed"
+    )
+    job_work_dir: str = Field(
+        "", description="worker scratch (checkpoints, loss curves); empty: beside a disk store, else $TMPDIR"
+    )
 
     # logging and metrics
     log_level: str = Field("INFO")

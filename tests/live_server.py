@@ -47,12 +47,17 @@ class ServerProcess(ServeProcess):
 
 @contextmanager
 def threaded_server(
-    tmp_path: Path, store: Store | None = None, runner: Any = None, **settings: Any
+    tmp_path: Path,
+    store: Store | None = None,
+    runner: Any = None,
+    store_spec: str | None = None,
+    **settings: Any,
 ) -> Iterator[tuple[str, Any]]:
     """uvicorn in a thread on a free loopback port, serving the tiny model (or `runner`); yields (base URL,
-    state)."""
+    state). `store_spec`: SOFTSERVE_STORE when `store` is not the default disk store (e.g. a Redis URL)."""
     port = free_port()
-    cfg = Settings(store=f"disk:{tmp_path / 'store'}", store_poll_interval=0.2, **settings)
+    spec = store_spec or f"disk:{tmp_path / 'store'}"
+    cfg = Settings(store=spec, store_poll_interval=0.2, **settings)
     app = create_app(cfg, runner=runner or tiny_runner(), store=store or DiskStore(tmp_path / "store"))
     config = uvicorn_config(app, "127.0.0.1", port, cfg.drain_timeout_s, "warning")
     server = uvicorn.Server(config)

@@ -22,6 +22,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # package -> packages it must never import
 FORBIDDEN = {
     "prompt_store": {"server", "training", "softserve_client", "bench"},
+    "runtime": {"server", "training", "softserve_client", "bench"},
     "server": {"training", "bench"},
     "training": {"server", "bench"},
     "softserve_client": {"server", "training", "prompt_store", "bench"},

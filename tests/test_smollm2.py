@@ -116,3 +116,42 @@ def test_smollm2_mixed_batch_is_exact(smollm2: ModelRunner) -> None:
         )
     text = "".join(e.text for e in mixed["bare"])
     assert text == runner.tokenizer.decode(references["bare"], skip_special_tokens=True)
+
+
+@pytest.mark.timeout(600)
+def test_smollm2_prompt_cache_on_equals_off(smollm2: ModelRunner) -> None:
+    """A shared system prompt (several cached blocks) before distinct user turns, for every serving form:
+    greedy tokens with the prompt cache on (sequential, so later rows hit) equal those with it off."""
+    runner = ModelRunner.from_model(smollm2.model, smollm2.tokenizer, smollm2.name, eos_ids=frozenset())
+    d = runner.hidden_size
+    pt = soft_prompt_from_text(runner, "You answer like a pirate.", seed=1)
+    forms: dict[str, SoftPrompt | None] = {
+        "bare": None,
+        "pt": pt,
+        "prefix": kv_prefix_from_text(runner, "Always answer in French."),
+        "gist": make_gist(runner.model, runner.tokenizer("Reply briefly.")["input_ids"], pt.embeds[:2]),  # type: ignore[index]
+        "accept": accept_prompt(d, 4, 40, seed=2, scale=0.02),
+    }
+    system = "You are a helpful assistant for a zoo. Keep answers short, kind and factual. " * 3
+    turns = ("Which animal is the tallest?", "Do penguins fly?")
+
+    def ids(turn: str) -> list[int]:
+        out = runner.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": turn}],
+            add_generation_prompt=True,
+            tokenize=True,
+        )
+        return [int(i) for i in (out["input_ids"] if hasattr(out, "keys") else out)]
+
+    def run(engine: Engine) -> list[list[int]]:
+        out = []
+        for name, prompt in forms.items():
+            tp = task(f"smol-cache-{name}", name, prompt) if prompt is not None else None
+            for turn in turns:
+                out.append(tokens_of(engine.generate_sync(request(ids(turn), 4, tp))))
+        return out
+
+    off = run(Engine(runner, max_batch_size=4, prompt_cache_bytes=0))
+    engine = Engine(runner, max_batch_size=4)
+    assert run(engine) == off
+    assert engine.stats()["prompt_cache_hit_tokens"] >= len(forms) * 3 * 16  # every form's 2nd turn hits

@@ -69,7 +69,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model", default="smollm2", help="HF name or path; 'smollm2' = embedded default (%(default)s)"
     )
-    g.add_argument("--dtype", default="float32", choices=sorted(SUPPORTED_DTYPES), help="base model dtype")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", *sorted(SUPPORTED_DTYPES)],
+        help="base model dtype; auto = bfloat16 on CUDA, float32 on CPU (%(default)s)",
+    )
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
 
 

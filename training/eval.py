@@ -1,8 +1,10 @@
 """Held-out evaluation with greedy decoding: exact match (accuracy) and ROUGE-L (LCS-based F1).
 
-Artifacts are evaluated through their serving form (`prompt_store.to_serving_form`), as the server runs
-them. Gist embeddings are evaluated by compressing each instruction, next to two controls on the bare
-model: the full instruction written into the request (positive) and no instruction at all (negative).
+Artifacts are evaluated through their serving form (`prompt_store.to_serving_form`), decoded by the
+engine's own prefill/decode (`runtime.generate`), so predictions are what the server's /generate returns.
+Gist embeddings are evaluated by compressing each instruction (`runtime.gist.compress`), next to two
+controls on the bare model: the full instruction written into the request (positive) and no instruction
+at all (negative).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from typing import Any
 import torch
 
 from prompt_store import Artifact, SoftPrompt, to_serving_form
+from runtime.gist import compress
 from training.data import Formatter, Record
 from training.generate import greedy_generate
-from training.lm import stop_token_ids
-from training.methods.gist import compress
+from training.model import runner_for
 
 
 def normalize(text: str) -> str:
@@ -83,7 +85,20 @@ def default_max_new_tokens(tokenizer: Any, records: Sequence[Record]) -> int:
     return longest + 4
 
 
-@torch.no_grad()
+def predict_ids(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    prompt: SoftPrompt | None,
+    max_new_tokens: int,
+    batch_size: int = 8,
+) -> list[list[int]]:
+    """Greedy answer ids of requests under one serving form, each ending at (and keeping) its first stop id
+    (the runtime's `eos_ids`); `model` is a `ModelRunner`, `LoadedModel` or bare HF model."""
+    runner = runner_for(model, tokenizer)
+    return greedy_generate(runner, prompt_ids, prompt, max_new_tokens, set(runner.eos_ids), batch_size)
+
+
 def predict(
     model: Any,
     tokenizer: Any,
@@ -93,9 +108,7 @@ def predict(
     batch_size: int = 8,
 ) -> list[str]:
     """Greedy answers (decoded, special tokens dropped) of requests under one serving form."""
-    outs = greedy_generate(
-        model, prompt_ids, prompt, max_new_tokens, stop_token_ids(model, tokenizer), batch_size
-    )
+    outs = predict_ids(model, tokenizer, prompt_ids, prompt, max_new_tokens, batch_size)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
@@ -136,20 +149,21 @@ def evaluate_gist(
     """Gist (each instruction compressed, served from its `gist` artifact) and the two controls."""
     new = max_new_tokens or default_max_new_tokens(tokenizer, records)
     fmt = Formatter(tokenizer, chat)
+    runner = runner_for(model, tokenizer, model_name)
     preds = [""] * len(records)
     for instruction in sorted({r.instruction for r in records}):
-        art = compress(model, tokenizer, gist_embeddings, instruction, model_name=model_name)
+        art = compress(runner, gist_embeddings, instruction, "gist")
         rows = [i for i, r in enumerate(records) if r.instruction == instruction]
         ids = [fmt.prompt_ids(records[i].input) for i in rows]
         for i, p in zip(
-            rows, predict(model, tokenizer, ids, to_serving_form(art), new, batch_size), strict=True
+            rows, predict(runner, tokenizer, ids, to_serving_form(art), new, batch_size), strict=True
         ):
             preds[i] = p
     kw: dict[str, Any] = {"chat": chat, "max_new_tokens": new, "batch_size": batch_size}
     return {
         "gist": score(preds, [r.output for r in records], [r.input for r in records]),
-        "positive_control": evaluate(model, tokenizer, records, None, with_instruction=True, **kw),
-        "negative_control": evaluate(model, tokenizer, records, None, **kw),
+        "positive_control": evaluate(runner, tokenizer, records, None, with_instruction=True, **kw),
+        "negative_control": evaluate(runner, tokenizer, records, None, **kw),
     }
 
 
@@ -164,9 +178,10 @@ def evaluate_artifact(
     **kwargs: Any,
 ) -> dict[str, EvalResult]:
     """`gist_embedding` -> gist + controls; other methods -> `after` (+ `before`: no prompt)."""
+    runner = runner_for(model, tokenizer, model_name)
     if artifact.manifest.method == "gist_embedding":
-        return evaluate_gist(model, tokenizer, artifact, records, model_name=model_name, **kwargs)
-    out = {"after": evaluate(model, tokenizer, records, to_serving_form(artifact), **kwargs)}
+        return evaluate_gist(runner, tokenizer, artifact, records, model_name=model_name, **kwargs)
+    out = {"after": evaluate(runner, tokenizer, records, to_serving_form(artifact), **kwargs)}
     if baseline:
-        out["before"] = evaluate(model, tokenizer, records, None, **kwargs)
+        out["before"] = evaluate(runner, tokenizer, records, None, **kwargs)
     return out

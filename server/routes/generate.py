@@ -91,6 +91,7 @@ async def stream_events(state: ServerState, prepared: Prepared) -> AsyncIterator
                     "prompt_tokens": prepared.prompt_tokens,
                     "virtual_tokens": prepared.virtual_tokens,
                     "completion_tokens": counts[index],
+                    "cached_tokens": prepared.cached_tokens,
                 },
             )
             if event.error:
@@ -132,6 +133,7 @@ async def generate(
             prompt_tokens=prepared.prompt_tokens,
             virtual_tokens=prepared.virtual_tokens,
             completion_tokens=sum(len(out.tokens) for out in outcomes),
+            cached_tokens=prepared.cached_tokens,
         ),
         timings=Timings(time_to_first_token_ms=first.ttft_ms, total_ms=max(out.total_ms for out in outcomes)),
         logprobs=choices[0].logprobs,

@@ -2,8 +2,9 @@
 
 Training rows are [instruction][k gists][request][answer] with the LM frozen under the gist mask: the gists
 see the instruction; everything after the gists sees only the gists and itself, never the instruction, so
-the answer can only use the instruction through the gists' keys/values. `compress` runs instruction + gists
-once and keeps the gist positions' keys/values as a `gist` artifact (the request continues at n + k).
+the answer can only use the instruction through the gists' keys/values. `compress` (the runtime's, see
+runtime/gist.py) runs instruction + gists once and keeps the gist positions' keys/values as a `gist`
+artifact (the request continues at n + k).
 """
 
 from __future__ import annotations
@@ -14,20 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from prompt_store import Artifact, Fingerprint, make_artifact
-from training.data import Batch, Formatter, Tokenized, collate_gist
-from training.lm import (
-    additive_mask,
-    embed_tokens,
-    gist_allowed,
-    layer_kv,
-    lm_loss,
-    model_device,
-    model_dtype,
-)
+from prompt_store import Artifact
+from runtime import gist as runtime_gist
+from training.data import Batch, Tokenized, collate_gist
+from training.lm import additive_mask, embed_tokens, gist_allowed, lm_loss, model_device, model_dtype
 from training.methods.base import TrainableMethod, hidden_size, vocab_embeddings
+from training.model import runner_for
 
 
 @dataclass(frozen=True)
@@ -82,31 +76,6 @@ class Gist(TrainableMethod):
         return {"gist_embeddings": self.gist_embeddings}  # [k, d]
 
 
-@torch.no_grad()
-def gist_kv(
-    model: Any, instruction_ids: Sequence[int], gists: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run [instruction][gists] once (causal) -> the gist positions' keys, values [L, Hkv, k, Dh]."""
-    device = model_device(model)
-    ids = torch.tensor([list(instruction_ids)], dtype=torch.long, device=device)  # [1, n]
-    embeds = torch.cat(
-        [embed_tokens(model, ids), gists.to(device, model_dtype(model))[None]], dim=1
-    )  # [1, n+k, d]
-    n, k = ids.shape[1], gists.shape[0]
-    cache = DynamicCache(config=model.config)
-    model.base_model(
-        inputs_embeds=embeds,  # [1, n+k, d]
-        attention_mask=torch.ones(1, n + k, dtype=torch.long, device=device),  # [1, n+k]
-        position_ids=torch.arange(n + k, device=device)[None],  # [1, n+k]
-        cache=cache,
-        use_cache=True,
-    )
-    layers = [layer_kv(cache, i) for i in range(len(cache.layers))]  # [1, Hkv, n+k, Dh] each
-    keys = torch.stack([key[0, :, n:] for key, _ in layers])  # [L, Hkv, k, Dh]
-    values = torch.stack([value[0, :, n:] for _, value in layers])  # [L, Hkv, k, Dh]
-    return keys, values
-
-
 def compress(
     model: Any,
     tokenizer: Any,
@@ -118,18 +87,7 @@ def compress(
     dtype: torch.dtype = torch.float32,
     keep_instruction: bool = True,
 ) -> Artifact:
-    """Compress `instruction` into a `gist` artifact: gist KV [L, Hkv, k, Dh] + next_position = n + k."""
-    if isinstance(gist_embeddings, Artifact):
-        gist_embeddings = gist_embeddings.tensors["gist_embeddings"]
-    gists = gist_embeddings.detach()  # [k, d]
-    ids = Formatter(tokenizer).instruction_ids(instruction)
-    keys, values = gist_kv(model, ids, gists)  # [L, Hkv, k, Dh] each
-    k = int(gists.shape[0])
-    cfg = {
-        "num_gist_tokens": k,
-        "next_position": len(ids) + k,
-        "instruction": instruction if keep_instruction else "",
-    }
-    base = Fingerprint.from_model(model, model_name)
-    tensors = {"keys": keys.to(dtype), "values": values.to(dtype)}
-    return make_artifact(task_id, "gist", cfg, tensors, base)
+    """Compress `instruction` into a `gist` artifact (gist KV [L, Hkv, k, Dh] + next_position = n + k) with
+    the runtime's `runtime.gist.compress`, the server's own; `model` is a runner or a bare HF model."""
+    runner = runner_for(model, tokenizer, model_name)
+    return runtime_gist.compress(runner, gist_embeddings, instruction, task_id, keep_instruction, dtype)

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from prompt_store import Fingerprint
+from prompt_store import Fingerprint, SoftPrompt
 from training.data import Batch
-from training.lm import kv_prefix_loss, layer_kv, model_device
+from training.lm import kv_prefix_loss
 from training.methods.base import TrainableMethod, hidden_size, sample_vocab_rows
+from training.model import runner_for
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,13 @@ def split_kv(flat: torch.Tensor, layers: int, heads: int, head_dim: int) -> tupl
     return kv[0], kv[1]  # [L, Hkv, m, Dh] each
 
 
-@torch.no_grad()
 def token_kv(model: Any, embeds: torch.Tensor) -> torch.Tensor:
-    """The model's own keys/values for a run of embeddings [m, d] -> flat [m, L*2*Hkv*Dh] (for init)."""
-    cache = DynamicCache(config=model.config)
-    model.base_model(inputs_embeds=embeds.to(model_device(model))[None], cache=cache, use_cache=True)
-    pairs = [layer_kv(cache, i) for i in range(len(cache.layers))]  # [1, Hkv, m, Dh] each
-    kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in pairs])  # [L, 2, Hkv, m, Dh]
-    return kv.permute(3, 0, 1, 2, 4).reshape(embeds.shape[0], -1).float().cpu()  # [m, L*2*Hkv*Dh]
+    """The model's own keys/values for a run of embeddings [m, d] (the runtime's `prefix_kv`) -> flat
+    [m, L*2*Hkv*Dh] (for init)."""
+    keys, values = runner_for(model).prefix_kv(SoftPrompt(embeds=embeds))  # [L, Hkv, m, Dh] each
+    kv = torch.stack([keys, values], dim=1)  # [L, 2, Hkv, m, Dh]
+    flat = kv.permute(3, 0, 1, 2, 4).reshape(embeds.shape[0], -1)  # [m, L*2*Hkv*Dh]
+    return flat.float().cpu().clone()  # a plain tensor (out of inference mode)
 
 
 class PrefixTuning(TrainableMethod):
