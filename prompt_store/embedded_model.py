@@ -8,6 +8,7 @@ transformers is imported lazily, only when a conversion runs.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -85,9 +86,16 @@ def _convert_gguf(target: Path) -> None:
 def ensure_smollm2(cache_dir: Path | None = None) -> Path:
     """A safetensors folder of SmolLM2-135M-Instruct, converted from the bundled GGUF on first use."""
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if not (target / COMPLETE_MARKER).is_file():
-        log.info("converting the bundled %s GGUF to %s (once, ~25 s)", DEFAULT_MODEL_NAME, target)
-        t0 = time.monotonic()
-        _convert_gguf(target)
-        log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - t0)
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time (replicas and workers sharing a volume start together): the others wait on
+    # the lock and then find the finished folder instead of converting it again themselves.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / COMPLETE_MARKER).is_file():
+            log.info("converting the bundled %s GGUF to %s (once, ~25 s)", DEFAULT_MODEL_NAME, target)
+            t0 = time.monotonic()
+            _convert_gguf(target)
+            log.info("converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - t0)
     return target

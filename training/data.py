@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from runtime.input_format import user_text_offset
+
 IGNORE = -100
 
 
@@ -36,6 +38,7 @@ class Tokenized:
     prompt_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
     instruction_ids: tuple[int, ...] = ()
+    added_at: int = 0  # where the user text starts in prompt_ids (an ACCEPT delta's first token)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Batch:
     labels: torch.Tensor  # [B, T] long, -100 outside the target
     prompt_lengths: torch.Tensor  # [B] long: request tokens per row (where an ACCEPT delta applies)
     gist_start: torch.Tensor | None = None  # [B] long: first gist slot (= instruction length)
+    added_at: torch.Tensor | None = None  # [B] long: the user text's first token (runtime.input_format)
     num_gist: int = 0
 
     @property
@@ -149,10 +153,12 @@ def tokenize(
     fmt = Formatter(tokenizer, chat)
     out = []
     for rec in records:
+        prompt_ids = fmt.prompt_ids(rec.input)
         row = Tokenized(
-            prompt_ids=tuple(fmt.prompt_ids(rec.input)),
+            prompt_ids=tuple(prompt_ids),
             target_ids=tuple(fmt.target_ids(rec.input, rec.output)),
             instruction_ids=tuple(fmt.instruction_ids(rec.instruction)) if rec.instruction else (),
+            added_at=user_text_offset(tokenizer, prompt_ids),  # the server's offset for the same ids
         )
         if len(row.instruction_ids) + len(row.prompt_ids) + len(row.target_ids) <= max_length:
             out.append(row)
@@ -175,6 +181,7 @@ def collate(examples: Sequence[Tokenized], pad_id: int) -> Batch:
         attention_mask=_pad([[1] * len(r) for r in ids], 0),  # [B, T]
         labels=_pad(labels, IGNORE),  # [B, T]
         prompt_lengths=torch.tensor([len(e.prompt_ids) for e in examples]),  # [B]
+        added_at=torch.tensor([e.added_at for e in examples]),  # [B]
     )
 
 

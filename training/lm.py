@@ -69,18 +69,26 @@ def lm_loss(
     return F.cross_entropy(logits.float(), targets[keep])
 
 
-def add_delta(embeds: torch.Tensor, added: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
-    """ACCEPT SCAP: add added[i] to token i of each row for i < min(s, that row's request length).
+def add_delta(
+    embeds: torch.Tensor,
+    added: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    added_at: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ACCEPT SCAP: add added[i] to token added_at + i of each row, on that row's request tokens only (the
+    server's placement: runtime.batch_state.PrefillItem.added_at; added_at None = 0, the request's start).
 
-    embeds [B, T, d] (right-padded rows starting at 0); added [s, d]; prompt_lengths [B].
+    embeds [B, T, d] (right-padded rows starting at 0); added [s, d]; prompt_lengths [B]; added_at [B].
     """
     B, T, d = embeds.shape
-    s = min(int(added.shape[0]), T)
-    delta = torch.zeros(T, d, dtype=embeds.dtype, device=embeds.device)  # [T, d]
-    delta = torch.cat([added[:s].to(embeds.dtype), delta[s:]])  # [T, d]
-    pos = torch.arange(T, device=embeds.device)[None]  # [1, T]
-    inside = (pos < prompt_lengths.to(embeds.device)[:, None]).to(embeds.dtype)  # [B, T]
-    return embeds + delta[None] * inside[..., None]  # [B, T, d]
+    device = embeds.device
+    s = int(added.shape[0])
+    at = torch.zeros(B, dtype=torch.long) if added_at is None else added_at  # [B]
+    cols = torch.arange(T, device=device)[None]  # [1, T]
+    row = cols - at.to(device)[:, None]  # [B, T]: delta row of each column
+    inside = (row >= 0) & (row < s) & (cols < prompt_lengths.to(device)[:, None])  # [B, T]
+    delta = added.to(embeds.dtype)[row.clamp(0, s - 1)]  # [B, T, d]
+    return embeds + delta * inside[..., None].to(embeds.dtype)  # [B, T, d]
 
 
 def prompt_prefix_loss(
@@ -93,7 +101,7 @@ def prompt_prefix_loss(
     device = model_device(model)
     tokens = embed_tokens(model, batch.input_ids).float()  # [B, T, d]
     if added is not None:
-        tokens = add_delta(tokens, added, batch.prompt_lengths)  # [B, T, d]
+        tokens = add_delta(tokens, added, batch.prompt_lengths, batch.added_at)  # [B, T, d]
     B, T, _ = tokens.shape
     m = prompt.shape[0]
     embeds = torch.cat([prompt[None].expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)  # [B, m+T, d]

