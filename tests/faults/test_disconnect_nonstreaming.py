@@ -1,5 +1,6 @@
-"""Non-streaming clients that leave free their slots: 40 of them hang up after 1 s, and within 2 engine steps
-neither the batch nor the queue holds any of them; the next request is served at once.
+"""Non-streaming clients that leave free their slots: 40 of them hang up after 1 s, the server notices every
+hang-up within 1 s, and within 2 engine steps of that neither the batch nor the queue holds any of them; the
+next request is served at once.
 
 Real uvicorn (in a thread, so the engine is observable) and real TCP connections from raw sockets, closed by
 the client with the response unread (32 requests run in the batch, 8 wait in the queue).
@@ -60,11 +61,18 @@ def test_forty_clients_that_hang_up_leave_within_two_steps(tmp_path: Path) -> No
         )
         time.sleep(max(0.0, started + 1.0 - time.monotonic()))
         assert engine.load() == (32, CLIENTS - 32), "a request ended before its client left"
+        reqs = [row.req for row in engine._rows] + engine._inbox.requests()
+        assert len(reqs) == CLIENTS
+        closed = time.monotonic()
         for sock in socks:
             sock.close()  # the response is never read
-        closed_at = engine.steps
+        # the server notices every hang-up (the event loop's disconnect watch cancels the request) ...
+        wait_for(lambda: all(req.cancelled.is_set() for req in reqs), "a hang-up was never noticed", 5)
+        noticed_at, noticed_in = engine.steps, time.monotonic() - closed
+        assert noticed_in < 1.0, noticed_in
+        # ... and the engine frees their slots and queue places within two steps of that
         wait_for(lambda: engine.load() == (0, 0), f"still running/waiting: {engine.load()}", 10)
-        assert engine.steps - closed_at <= 2, (closed_at, engine.steps)
+        assert engine.steps - noticed_at <= 2, (noticed_at, engine.steps)
         wait_for(lambda: engine.finished.get("cancelled") == CLIENTS, f"{engine.finished}", 5)  # counted last
         assert engine.finished == {"cancelled": CLIENTS}
         assert engine.tokens_generated < 32 * NEW_TOKENS
