@@ -252,12 +252,12 @@ def main() -> None:
     )
     parser.add_argument("--model", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--key", help="admin/API key for --url (default: $SOFTSERVE_ADMIN_KEY)")
-    parser.add_argument("--concurrency", default="1,4,16,48,64,128", help="levels (default: %(default)s)")
+    parser.add_argument("--concurrency", default="1,16,48,96", help="levels (default: %(default)s)")
     parser.add_argument(
-        "--duration", type=float, default=12.0, help="seconds per level (default: %(default)s)"
+        "--duration", type=float, default=30.0, help="seconds per level (default: %(default)s)"
     )
     parser.add_argument("--new-tokens", type=int, default=24, help="max_new_tokens (default: %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=16, help="SOFTSERVE_MAX_BATCH_SIZE (default: 16)")
+    parser.add_argument("--max-batch", type=int, default=48, help="SOFTSERVE_MAX_BATCH_SIZE (default: 48)")
     parser.add_argument("--max-queue", type=int, default=32, help="SOFTSERVE_MAX_QUEUE (default: 32)")
     parser.add_argument(
         "--no-stream",

@@ -63,7 +63,10 @@ def render(
         f"- ServingCache bound {info['cache_bytes'] / MiB:.1f} MiB, device prefix cache bound "
         f"{info['prefix_cache_bytes'] / MiB:.1f} MiB (= {info['fit']} tasks x "
         f"{info['prefix_bytes_per_task'] / 1024:.0f} KiB of KV); store watcher polling every "
-        f"{info['poll_interval_s']:g} s",
+        f"{info['poll_interval_s']:g} s; prompt cache {args.prompt_cache} "
+        f"({info.get('prompt_cache_bytes', 0) / MiB:.1f} MiB; off for the goals: with 1 task it would hold "
+        "every request's chat template and the second rep's whole prompts, text reuse that shared_prefix "
+        "and http_load measure)",
         f"- workload: {args.requests} requests prepared (server.service.prepare) and enqueued together, "
         f"tasks drawn uniformly over the registered ones; {args.new_tokens} new tokens each "
         "(greedy, eos ignored); "

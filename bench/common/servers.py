@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,17 @@ from server.dev_process import ServeProcess as DevServeProcess
 from server.dev_process import free_port, stop_process
 
 STARTUP_S = 180.0
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, `timeout`) raises SystemExit in the benchmark, so its `finally` stops the servers it
+    started in their own sessions; the default action would leave them running."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        signal.signal(signal.SIGTERM, handler)
 
 
 class RedisServer:
@@ -59,6 +72,7 @@ class ServeProcess(DevServeProcess):
         flags = ["--store", store, "--device", args.device, "--dtype", args.dtype]
         if args.model:
             flags += ["--model", args.model]
+        exit_on_sigterm()
         super().__init__(flags, full_env, log_path, startup_s=STARTUP_S, new_session=True)
 
     def stop(self, wait_s: float = 15.0) -> None:

@@ -5,7 +5,7 @@
 #   wheelhouse  requirements.lock as wheels on the host (pip download, CPU torch), cached in $CACHE
 #   base        python:3.11-slim-bookworm if it can be pulled, else a debootstrap bookworm + python3.11
 #               (docker/e2e/base.sh, tarball cached in $CACHE) imported as softserve-e2e/python:3.11-bookworm
-#   redis/nginx redis:7 / nginx:1.27 if they can be pulled, else docker/e2e/Dockerfile.redis/.nginx
+#   redis/nginx redis:7 / nginxinc/nginx-unprivileged:1.27 if they can be pulled, else docker/e2e/Dockerfile.redis/.nginx
 #   image       docker/Dockerfile with BASE_IMAGE and the wheelhouse (pip --no-index)
 #   stack       docker/e2e/e2e.py (compose up/restart/down/up, uploads, load, trainer)
 # Env: SOFTSERVE_E2E_CACHE (default /var/cache/softserve-e2e), E2E_PORT_BASE (default 18100: nginx on it,
@@ -32,15 +32,16 @@ STATUS=fail
 PHASE=""
 PHASE_START=0
 phase_end() {  # phase_end ok|FAILED: record the current phase's duration
-    local secs
-    secs=$(echo "$(date +%s.%N) - $PHASE_START" | bc)
+    local ms secs
+    ms=$(( ($(date +%s%N) - PHASE_START) / 1000000 ))
+    secs=$((ms / 1000)).$(( (ms % 1000) / 100 ))
     printf '%s\t%.1f\t%s\n' "$PHASE" "$secs" "$1" >>"$WORK/phases.tsv"
     printf '==== %s: %s in %.1f s\n' "$PHASE" "$1" "$secs"
     PHASE=""
 }
 phase() {  # phase NAME COMMAND...: run it under set -e (a failure exits; cleanup records it FAILED)
     PHASE=$1
-    PHASE_START=$(date +%s.%N)
+    PHASE_START=$(date +%s%N)
     shift
     echo "==== $PHASE"
     "$@"
@@ -69,6 +70,9 @@ cleanup() {
             "${COMPOSE[@]}" --profile trainer down --remove-orphans $([[ ${E2E_KEEP:-} == 1 ]] || echo -v) \
                 >/dev/null 2>&1
         fi
+        # A kept data root: drop what this run left unreferenced (the previous softserve:e2e and its
+        # layers), so it holds one set of images however many runs use it.
+        [[ -z ${E2E_DATA_ROOT:-} ]] || docker image prune -f >/dev/null 2>&1
     fi
     engine_stop
     find docker/wheelhouse \( -name '*.whl' -o -name extra-requirements.txt \) -delete 2>/dev/null
@@ -127,7 +131,7 @@ base_image() {
 service_images() {
     local name tag
     for name in redis nginx; do
-        tag=$([[ $name == redis ]] && echo redis:7 || echo nginx:1.27)
+        tag=$([[ $name == redis ]] && echo redis:7 || echo nginxinc/nginx-unprivileged:1.27)
         if ! pull "$tag"; then
             tag=softserve-e2e/$name:bookworm
             nice -n 10 docker build -q --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
@@ -150,10 +154,11 @@ stack() {
 }
 
 # The nginx config the e2e stack mounts: docker/nginx.conf with loopback listen/upstream addresses.
-sed -e "s/listen 80;/listen 127.0.0.1:$PORT_BASE;/" \
+sed -e "s/listen 8080;/listen 127.0.0.1:$PORT_BASE;/" \
     -e "s/server server-1:8000/server 127.0.0.1:$((PORT_BASE + 1))/" \
     -e "s/server server-2:8000/server 127.0.0.1:$((PORT_BASE + 2))/" docker/nginx.conf >"$WORK/nginx.conf"
-grep -q "127.0.0.1:$((PORT_BASE + 2))" "$WORK/nginx.conf" || { echo "docker/nginx.conf: upstream lines changed" >&2; exit 1; }
+grep -q "listen 127.0.0.1:$PORT_BASE;" "$WORK/nginx.conf" && grep -q "127.0.0.1:$((PORT_BASE + 2))" "$WORK/nginx.conf" \
+    || { echo "docker/nginx.conf: listen or upstream lines changed" >&2; exit 1; }
 cat >"$WORK/e2e.env" <<ENV
 SOFTSERVE_ADMIN_KEY=e2e-admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 SOFTSERVE_IMAGE=softserve:e2e
