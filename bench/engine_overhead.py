@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from engine_refs import IdTokenizer  # noqa: E402
 from harness import RESULTS, Goal, add_device_args, hardware_line, savefig, write_report  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
+from bench.common.tiny import tiny_llama  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.requests import GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
@@ -47,20 +48,7 @@ STEP_GOAL, GROWTH_GOAL = 1.2, 1.1
 
 
 def tiny_runner(vocab: int) -> ModelRunner:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return ModelRunner.from_model(model, IdTokenizer(), "tiny-llama", device="cpu", eos_ids=frozenset())
 
 

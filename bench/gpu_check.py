@@ -34,6 +34,7 @@ from engine_refs import accept_prompt  # noqa: E402
 from harness import QUESTIONS, Goal, chat_ids, hardware_line  # noqa: E402
 from serve_smoke import build_tasks, build_workload, run_engine, run_hf_generate  # noqa: E402
 
+from bench.common.tiny import tiny_llama  # noqa: E402
 from prompt_store import SoftPrompt, TaskPrompt  # noqa: E402
 from runtime.model_runner import ModelRunner, load_model, resolve_device, resolve_dtype  # noqa: E402
 from server.engine import Engine  # noqa: E402
@@ -57,22 +58,6 @@ class Case:
         return GenerationRequest(list(self.ids), SamplingParams(max_new_tokens=n), task)
 
 
-def tiny_model(vocab: int) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 def runners(model: str, device: torch.device, dtype: torch.dtype) -> tuple[ModelRunner, ModelRunner]:
     """(engine runner in `dtype`, float32 reference runner), both on `device`, eos ignored."""
     if model == "smollm2":
@@ -91,7 +76,7 @@ def runners(model: str, device: torch.device, dtype: torch.dtype) -> tuple[Model
     tok = AutoTokenizer.from_pretrained(ensure_smollm2(), local_files_only=True)
     vocab = len(tok)
     return tuple(  # type: ignore[return-value]
-        ModelRunner(tiny_model(vocab), tok, "tiny-llama", device=device, dtype=dt, eos_ids=frozenset())
+        ModelRunner(tiny_llama(vocab), tok, "tiny-llama", device=device, dtype=dt, eos_ids=frozenset())
         for dt in (dtype, torch.float32)
     )
 

@@ -375,7 +375,7 @@ def main() -> None:
     }
     report = render_comparison(passes, per_pass, limit) if len(passes) > 1 else ""
     for name, (pass_goals, pass_extra) in per_pass.items():
-        detail = render(args, passes[name], targets, {**info, **pass_extra}, pass_goals)
+        detail = render(args, passes[name], targets, {**info, **pass_extra}, pass_goals, name != main_pass)
         report += f"\n## {name}\n" + detail.split("\n", 1)[1] if len(passes) > 1 else detail
     elapsed = time.perf_counter() - t_start
     report += f"\nwhole run (server start, registration, warm-up, all levels): {elapsed:.0f} s\n"

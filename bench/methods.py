@@ -40,7 +40,8 @@ from training.recipes.make_recipes import recipe_path  # noqa: E402
 # ACCEPT uses the same prompt length as prompt tuning (m=8) with fewer trainable parameters:
 # SCPP 8*8*4 weights + 4*576 codebook = 2,560, SCAP 4*4*2 + 2*576 = 1,184, total 3,744 vs 8*576 = 4,608.
 # Its codebooks start from a per-subspace rank-4 SVD of the instruction's token embeddings (prompt tuning's
-# text init, factorised); as in the paper the mixing weights get a larger lr than the codebooks.
+# text init, factorised); the mixing weights get a larger lr than the codebook (our choice: the reference
+# trains SCPP at one lr and SCAP at its own, training.methods.accept).
 # ACCEPT runs right after prompt tuning (its reference) so a tight time budget never skips it.
 PLANS: list[tuple[str, float, dict[str, Any]]] = [
     ("prompt_tuning", 3e-2, {"num_virtual_tokens": 8, "init": "text"}),

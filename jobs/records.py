@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from jobs.backend import JobBackend, Record
+from prompt_store.methods.options import TRAINING_OPTIONS
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 WAITING = frozenset({"validating_files", "queued"})
@@ -22,23 +23,7 @@ METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "accept", "gist")
 DEFAULT_METHOD = "prompt_tuning"  # what OpenAI's `supervised` means here
 # hyperparameters a job takes: the loop's (OpenAI's names) and the methods' options (training.cli's)
 LOOP_HYPERPARAMETERS = ("n_epochs", "learning_rate_multiplier", "batch_size", "steps", "warmup_steps")
-METHOD_HYPERPARAMETERS = (
-    "num_virtual_tokens",
-    "init",
-    "init_text",
-    "encoder_type",
-    "encoder_hidden_size",
-    "projection",
-    "projection_hidden_size",
-    "num_subspaces",
-    "num_codewords",
-    "added_length",
-    "added_subspaces",
-    "added_codewords",
-    "weight_lr",
-    "codebook_lr",
-    "num_gist_tokens",
-)
+METHOD_HYPERPARAMETERS = TRAINING_OPTIONS  # the artifact contract's one list (prompt_store.methods)
 INTERNAL = ("heartbeat_at", "cancel_requested", "worker", "seq", "checkpoints")  # not in the job object
 
 

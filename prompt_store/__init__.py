@@ -22,15 +22,27 @@ from prompt_store.errors import (
 )
 from prompt_store.methods import METHODS, get_method
 from prompt_store.task_id import TASK_ID_PATTERN, validate_task_id
-from prompt_store.types import Artifact, Fingerprint, Limits, Manifest, SoftPrompt, TaskKey, TaskPrompt
+from prompt_store.types import (
+    RAW_FORMAT,
+    Artifact,
+    Fingerprint,
+    InputFormat,
+    Limits,
+    Manifest,
+    SoftPrompt,
+    TaskKey,
+    TaskPrompt,
+)
 from prompt_store.validation import check_servable, parse_and_validate, to_serving_form, validate_artifact
 
 __all__ = [
     "METHODS",
+    "RAW_FORMAT",
     "TASK_ID_PATTERN",
     "Artifact",
     "ArtifactFormatError",
     "Fingerprint",
+    "InputFormat",
     "InvalidTaskId",
     "Limits",
     "Manifest",

@@ -25,9 +25,12 @@ from prompt_store.fileio import atomic_write
 from prompt_store.task_id import validate_task_id
 from prompt_store.types import (
     FORMAT_VERSION,
+    RAW_FORMAT,
+    READ_FORMAT_VERSIONS,
     SUPPORTED_DTYPES,
     Artifact,
     Fingerprint,
+    InputFormat,
     Limits,
     Manifest,
 )
@@ -53,8 +56,10 @@ def make_artifact(
     tensors: dict[str, torch.Tensor],
     base_model: Fingerprint,
     notes: str = "",
+    input_format: InputFormat = RAW_FORMAT,
 ) -> Artifact:
-    """Build an artifact: tensors moved to CPU + contiguous, dtype and sha256 filled in."""
+    """Build an artifact: tensors moved to CPU + contiguous, dtype and sha256 filled in; `input_format`:
+    how training formatted the request text (raw unless the trainer says otherwise)."""
     validate_task_id(task_id)
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     dtypes = {str(t.dtype).removeprefix("torch.") for t in clean.values()}
@@ -69,6 +74,7 @@ def make_artifact(
         sha256=tensors_sha256(clean),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         notes=notes,
+        input_format=input_format,
     )
     return Artifact(manifest=manifest, tensors=clean)
 
@@ -202,12 +208,19 @@ def parse_manifest(meta: dict[str, Any], limits: Limits) -> Manifest:
         if key not in d:
             raise ArtifactFormatError(f"manifest is malformed: it has no {key!r}", field=key)
     format_version = d["format_version"]
-    if type(format_version) is not int or format_version != FORMAT_VERSION:
+    if type(format_version) is not int or format_version not in READ_FORMAT_VERSIONS:
         raise ArtifactFormatError(
             f"format_version {strict_json.shown(repr(format_version))} is not supported "
-            f"(this build reads {FORMAT_VERSION})",
+            f"(this build reads {', '.join(map(str, READ_FORMAT_VERSIONS))})",
             field="format_version",
         )
+    if format_version >= 2 and "input_format" not in d:
+        raise ArtifactFormatError(
+            f"manifest is malformed: format_version {format_version} needs 'input_format'",
+            field="input_format",
+        )
+    # version 1 predates input_format: its tasks ran on the raw text, and still do
+    input_format = InputFormat.from_dict(d["input_format"]) if format_version >= 2 else RAW_FORMAT
     if not isinstance(d["base_model"], dict):
         raise ArtifactFormatError("manifest.base_model must be an object", field="base_model")
     if not isinstance(d["method_config"], dict):
@@ -223,6 +236,7 @@ def parse_manifest(meta: dict[str, Any], limits: Limits) -> Manifest:
         created_at=_str_field(d, "created_at", ""),
         notes=_str_field(d, "notes", ""),
         format_version=FORMAT_VERSION,
+        input_format=input_format,
     )
 
 

@@ -196,9 +196,8 @@ class ServingCache:
         if self.device is not None or self.dtype is not None:
             dtype = self.dtype or SUPPORTED_DTYPES[artifact.manifest.dtype]
             prompt = prompt.to(self.device or "cpu", dtype)
-        return TaskPrompt(
-            artifact.task_id, artifact.version, artifact.sha256, artifact.manifest.method, prompt
-        )
+        m = artifact.manifest
+        return TaskPrompt(artifact.task_id, artifact.version, m.sha256, m.method, prompt, m.input_format)
 
     def _make_lease(self, task: TaskPrompt) -> Lease:
         return Lease(task, _release=self._lru.unpin)

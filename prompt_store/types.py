@@ -10,7 +10,8 @@ import torch
 
 from prompt_store.errors import ArtifactFormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records `input_format`
+READ_FORMAT_VERSIONS = (1, 2)  # a version-1 manifest reads as RAW_FORMAT (how the server ran every task then)
 ADDED_AT_START = "start"  # an ACCEPT delta on the request's first tokens (artifacts without `added_at`)
 ADDED_AT_USER_TEXT = "user_text"  # on the first tokens of the user's text, after the chat template's head
 SUPPORTED_DTYPES: dict[str, torch.dtype] = {
@@ -122,6 +123,60 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class InputFormat:
+    """How the task's training turned a request's text into tokens; the server applies the same to a plain
+    `prompt` (server.service.tokenize).
+
+    chat_template: False -> the text as is (the tokenizer's own special tokens, e.g. BOS); True -> the text
+        is the user turn of the tokenizer's chat template, with the generation prompt.
+    system_prompt: with chat_template only: the system message's exact text, or None for no system message
+        (the template's own default, e.g. SmolLM2's "You are a helpful AI assistant named SmolLM...").
+    """
+
+    chat_template: bool = False
+    system_prompt: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chat_template": self.chat_template, "system_prompt": self.system_prompt}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> InputFormat:
+        """Strict: an object with exactly `chat_template` (bool) and `system_prompt` (string or null, and a
+        string only with chat_template true)."""
+        if not isinstance(data, dict):
+            raise ArtifactFormatError(
+                "manifest.input_format must be an object {chat_template, system_prompt}", field="input_format"
+            )
+        unknown = sorted(set(data) - {"chat_template", "system_prompt"})
+        if unknown:
+            raise ArtifactFormatError(
+                f"manifest.input_format has unknown keys {unknown} (it takes chat_template, system_prompt)",
+                field="input_format",
+            )
+        chat = data.get("chat_template")
+        if not isinstance(chat, bool):
+            raise ArtifactFormatError(
+                f"manifest.input_format.chat_template must be true or false, got {repr(chat)[:40]}",
+                field="input_format.chat_template",
+            )
+        system = data.get("system_prompt")
+        if system is not None and not isinstance(system, str):
+            raise ArtifactFormatError(
+                f"manifest.input_format.system_prompt must be a string or null, got {repr(system)[:40]}",
+                field="input_format.system_prompt",
+            )
+        if system is not None and not chat:
+            raise ArtifactFormatError(
+                "manifest.input_format.system_prompt needs chat_template true (raw text has no system turn)",
+                field="input_format.system_prompt",
+            )
+        return cls(chat_template=chat, system_prompt=system)
+
+
+RAW_FORMAT = InputFormat()  # the text as is: PEFT imports, hand-made artifacts, every version-1 artifact
+
+
+@dataclass(frozen=True)
 class Manifest:
     """JSON manifest stored in the safetensors metadata of an artifact (see DESIGN.md)."""
 
@@ -135,10 +190,12 @@ class Manifest:
     created_at: str = ""
     notes: str = ""
     format_version: int = FORMAT_VERSION
+    input_format: InputFormat = RAW_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["base_model"] = self.base_model.to_dict()
+        data["input_format"] = self.input_format.to_dict()
         return data
 
 
@@ -225,6 +282,7 @@ class TaskPrompt:
     sha256: str
     method: str
     prompt: SoftPrompt
+    input_format: InputFormat = RAW_FORMAT  # how a plain `prompt` is formatted for this task
 
     @property
     def key(self) -> TaskKey:

@@ -38,7 +38,11 @@ def parse_and_validate(
 
 MIN_REQUEST_POSITIONS = 2  # the smallest request: one prompt token, one new token
 # the manifest field that sets where the input starts, per method (num_virtual_tokens for the others)
-_POSITION_FIELD = {"gist": "next_position", "gist_embedding": "num_gist_tokens"}
+_POSITION_FIELD = {
+    "gist": "next_position",
+    "gist_embedding": "num_gist_tokens",
+    "gist_compressor": "num_gist_tokens",
+}
 
 
 def check_servable(artifact: Artifact, base: Fingerprint, max_context: int) -> None:

@@ -65,6 +65,13 @@ class BatchState:
         layers = len(DynamicCache(config=runner.model.config).layers)
         shape = (runner.num_kv_heads, runner.head_dim)
         self.kv = KVSlots(layers, shape, slots, capacity, runner.dtype, runner.device)
+        embedding = runner.model.get_input_embeddings()
+        self.embed: Callable[[torch.Tensor], torch.Tensor] = embedding  # ids [..., n] -> [..., n, d]
+        plain = type(embedding) is torch.nn.Embedding and "forward" not in vars(embedding)  # not wrapped
+        hooked = plain and bool(embedding._forward_hooks or embedding._forward_pre_hooks)
+        if plain and not hooked and embedding.max_norm is None:  # its forward, without the module call:
+            weight = embedding.weight  # [V, d]
+            self.embed = lambda ids: torch.nn.functional.embedding(ids, weight)  # [..., n, d]
         self.positions: list[int] = []
         self.growable = growable  # standalone batches grow their columns; the engine's never do
 
@@ -182,17 +189,15 @@ def decode_one_token(
             raise ValueError(f"a row of {width} columns does not fit the slot capacity {state.kv.capacity}")
         state.kv.grow(max(width, 2 * state.kv.capacity))
     state.kv.ensure_clean(width)
-    device = runner.device
-    cols = torch.tensor(lengths, dtype=torch.long, device=device)  # [B]
-    ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]  # [B, 1]
-    embeds = runner.embed(ids)  # [B, 1, d]
-    mask = (torch.arange(width, device=device)[None, :] <= cols[:, None]).long()  # [B, W]
-    positions = torch.tensor(state.positions[rows], dtype=torch.long, device=device)[:, None]  # [B, 1]
+    positions = state.positions[rows]
+    host = torch.tensor(lengths + positions + tokens, dtype=torch.long)  # [3B]: one host -> device copy
+    cols, pos, ids = host.to(runner.device).view(3, -1, 1).unbind(0)  # [B, 1] each
+    embeds = state.embed(ids)  # [B, 1, d]
+    mask = state.kv.columns[:width] <= cols  # [B, W] bool: each row's own columns
     cache = state.kv.decode_cache(runner.model.config, rows, cols)
-    logits = runner.forward(embeds, mask, positions, cache, query_cols=cols[:, None])  # [B, V]
-    for b in range(rows.start, rows.stop):
-        state.kv.lengths[b] += 1
-        state.positions[b] += 1
+    logits = runner.forward(embeds, mask, pos, cache, query_cols=cols)  # [B, V]
+    state.kv.lengths[rows] = [n + 1 for n in lengths]
+    state.positions[rows] = [p + 1 for p in positions]
     return logits
 
 

@@ -37,18 +37,27 @@ class SlotLayer(DynamicLayer):
         super().__init__()
         self._k, self._v = keys, values  # [S, Hkv, C, Dh] each
         self.device, self.is_initialized = keys.device, True
-        self.prepare(slice(0, 0), 0, keys.new_zeros(0, dtype=torch.long), keys.new_zeros(0, dtype=torch.long))
+        self._span: slice | None = None  # the slots `_rk`, `_rv` show
+        self._width = -1
+        empty = keys.new_zeros(0, dtype=torch.long)  # [0]
+        self.prepare(slice(0, 0), 0, empty, empty)
 
-    def prepare(self, rows: slice, width: int, cols: torch.Tensor, slots: torch.Tensor) -> None:
+    def prepare(
+        self, rows: slice, width: int, cols: torch.Tensor, slots: torch.Tensor, col: int | None = None
+    ) -> None:
         """Set up the next decode step: slots `rows` (their indices `slots` [B]) with `width` live columns,
-        row b writing at column cols[b]."""
-        self._rows, self._slots, self._cols = rows, slots, cols  # slots, cols [B] long
-        self._show(width)
+        row b writing at column cols[b]; `col`: the column every row writes at, when they all do."""
+        self._slots, self._cols, self._col = slots, cols, col  # slots, cols [B] long
+        if rows != self._span:  # the slots' views, kept while the rows stay
+            self._span, self._rk, self._rv = rows, self._k[rows], self._v[rows]  # [B, Hkv, C, Dh] views
+            self._show(width)
+        elif width != self._width:  # (the last step's update already shows `width` columns, usually)
+            self._show(width)
 
     def _show(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._width = width
-        keys = self._k[self._rows, :, :width]  # [B, Hkv, W, Dh] view
-        values = self._v[self._rows, :, :width]  # [B, Hkv, W, Dh] view
+        keys = self._rk.narrow(2, 0, width)  # [B, Hkv, W, Dh] view
+        values = self._rv.narrow(2, 0, width)  # [B, Hkv, W, Dh] view
         self.keys, self.values = keys, values
         return keys, values
 
@@ -58,8 +67,14 @@ class SlotLayer(DynamicLayer):
         """key/value states [B, Hkv, 1, Dh] -> the live keys and values [B, Hkv, W + 1, Dh]."""
         if key_states.shape[2] != 1:
             raise ValueError(f"a slot layer appends one column per step, got {key_states.shape[2]}")
-        self._k[self._slots, :, self._cols] = key_states[:, :, 0]  # [B, Hkv, Dh] at (slot, col)
-        self._v[self._slots, :, self._cols] = value_states[:, :, 0]  # [B, Hkv, Dh] at (slot, col)
+        col = self._col
+        if col is not None:  # one column for every row: a plain slice
+            self._rk[:, :, col : col + 1] = key_states  # [B, Hkv, 1, Dh]
+            self._rv[:, :, col : col + 1] = value_states  # [B, Hkv, 1, Dh]
+        else:
+            cols = self._cols.view(-1)  # [B]
+            self._k[self._slots, :, cols] = key_states[:, :, 0]  # [B, Hkv, Dh] at (slot, col)
+            self._v[self._slots, :, cols] = value_states[:, :, 0]  # [B, Hkv, Dh] at (slot, col)
         keys, values = self._show(self._width + 1)
         return keys, values
 
@@ -86,10 +101,14 @@ class KVSlots:
             torch.empty(slots, heads, capacity, dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]  # [S, Hkv, C, Dh] each
         self.lengths: list[int] = []  # columns held by each live row
+        self.slot_ids = torch.arange(slots, device=device)  # [S]
+        self.columns = torch.arange(capacity, device=device)  # [C]
+        self._no_index = torch.zeros(0, dtype=torch.long, device=device)  # [0]
         self.clean = 0  # columns [0, clean) of every slot are finite (written or zeroed)
         self.token_bytes = token_bytes(num_layers, shape, dtype)
         self.copied = {"admission": 0, "retirement": 0}  # bytes written/moved by each (cumulative)
         self._cache: DynamicCache | None = None  # the decode steps' view of the slots (decode_cache)
+        self._layers: list[SlotLayer] = []  # its layers
 
     @property
     def slots(self) -> int:
@@ -156,7 +175,8 @@ class KVSlots:
         return source
 
     def decode_cache(self, model_config: Any, rows: slice, cols: torch.Tensor) -> DynamicCache:
-        """The cache over slots `rows` for one decode step: each row appends at column cols[b] (its length).
+        """The cache over slots `rows` for one decode step: each row appends at column cols[b] (its length;
+        cols [B] or [B, 1]).
         One DynamicCache of SlotLayers is built once and re-aimed at every step."""
         if self._cache is None:
             cache = DynamicCache(config=model_config)
@@ -164,14 +184,18 @@ class KVSlots:
                 raise ValueError(
                     f"the model has {len(cache.layers)} cache layers, the slots {len(self.keys)}"
                 )
-            for i in range(len(self.keys)):
-                cache.layers[i] = SlotLayer(self.keys[i], self.values[i])
+            self._layers = [SlotLayer(k, v) for k, v in zip(self.keys, self.values, strict=True)]
+            cache.layers[:] = self._layers
             self._cache = cache
-        width = max(self.lengths[rows], default=0)
-        slots = torch.arange(rows.start, rows.stop, device=cols.device)  # [B]
-        for layer in self._cache.layers:
-            assert isinstance(layer, SlotLayer)
-            layer.prepare(rows, width, cols, slots)
+        lengths = self.lengths[rows]
+        width = max(lengths, default=0)
+        if lengths and min(lengths) == width:  # every row writes at one column: no index tensors
+            col: int | None = width
+            slots = cols = self._no_index
+        else:
+            col, slots = None, self.slot_ids[rows]  # [B]
+        for layer in self._layers:
+            layer.prepare(rows, width, cols, slots, col)
         return self._cache
 
     def grow(self, capacity: int) -> None:
@@ -184,5 +208,6 @@ class KVSlots:
                 new[:, :, : min(old, self.clean)] = b[:, :, : min(old, self.clean)]
                 buffers[i] = new
         self.capacity = capacity
+        self.columns = torch.arange(capacity, device=self.columns.device)  # [C]
         self.clean = capacity
         self._cache = None

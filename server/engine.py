@@ -35,6 +35,7 @@ from server.memory import MemoryTrimmer
 from server.prefixes import DevicePrefix, bare_prefix, device_prefixes
 from server.requests import GenerationRequest, TokenEvent
 from server.rows import Row, new_row
+from server.sampling import RowSampler, SamplingPlan
 from server.waiting import Deliver, Pending, WaitingQueue, leave_reason
 
 log = logging.getLogger("softserve.engine")
@@ -77,6 +78,9 @@ class Engine(RowEvents):
         self._inbox = WaitingQueue(max_queue)
         self._cv = self._inbox.cv
         self._rows: list[Row] = []  # row b lives in KV slot b
+        self._any_finished = False  # a row finished since the last compaction
+        self._sampler_cache: tuple[list[Row], list[RowSampler], SamplingPlan] | None = None
+        self._single_decodes: dict[int, str] = {}  # decode([id]), shared by the rows' text streams
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._abort = False
@@ -257,8 +261,10 @@ class Engine(RowEvents):
         now = time.monotonic()
         before = self.tokens_generated
         self._retire(now)
-        self._build_warm_prefixes()
-        admitted = self._take_waiting(now)
+        admitted: list[Pending] = []
+        if self._inbox.has_work():  # read unlocked: what is queued meanwhile waits for the next step
+            self._build_warm_prefixes()
+            admitted = self._take_waiting(now)
         try:
             if admitted:
                 self._admit(admitted)
@@ -285,7 +291,10 @@ class Engine(RowEvents):
     def _retire(self, now: float) -> None:
         """Cancelled and past-deadline rows leave the batch (finish_reason cancelled / timeout)."""
         for row in self._rows:
-            reason = leave_reason(row.req, now)
+            req = row.pending.req
+            if req.deadline is None and not req.cancelled.is_set():
+                continue  # (leave_reason's checks, without the call)
+            reason = leave_reason(req, now)
             if reason is not None:
                 self._finish(row, TokenEvent(None, "", finish_reason=reason))
         self._compact()
@@ -304,6 +313,7 @@ class Engine(RowEvents):
                     prefixes,
                     self.prompt_cache,
                     self.row_capacity,
+                    self._single_decodes,
                 )
             except Exception as exc:
                 log.warning(
@@ -356,10 +366,8 @@ class Engine(RowEvents):
         out = decode_rows(self.runner, self._state, [r.tokens[-1] for r in rows])
         self._forward_failures("decode", rows, out)
         if out.logits is not None:
-            ran = [rows[i] for i in out.ran]
-            for row in ran:
-                row.columns += 1
-            self._accept_sampled(ran, out.logits, advance=True)
+            ran = rows if len(out.ran) == len(rows) else [rows[i] for i in out.ran]
+            self._accept_sampled(ran, out.logits, advance=True)  # each row's next_pos and columns + 1
         self._compact()
 
     # ---- per-row bookkeeping -----------------------------------------------------------------------------

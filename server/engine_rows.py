@@ -16,7 +16,7 @@ from runtime.batch_state import BatchState, Forward
 from runtime.model_runner import ModelRunner
 from server.requests import TokenEvent
 from server.rows import Row
-from server.sampling import Sampled, sample_batch
+from server.sampling import RowSampler, Sampled, SamplingPlan, sample_batch, sampling_plan
 from server.waiting import Pending, WaitingQueue
 
 log = logging.getLogger("softserve.engine")
@@ -32,6 +32,8 @@ class RowEvents:
     step_errors: int
     finished: dict[str, int]
     ttft_samples: deque[float]
+    _any_finished: bool  # a row finished since the last compaction
+    _sampler_cache: tuple[list[Row], list[RowSampler], SamplingPlan] | None
 
     def _forward_failures(self, phase: str, rows: list[Row], out: Forward) -> None:
         """Count and log the failed forwards; the rows whose own forward failed end with an error."""
@@ -49,28 +51,43 @@ class RowEvents:
             error = f"{phase} failed: {type(exc).__name__}: {exc}"[:300]
             self._finish(rows[i], TokenEvent(None, "", finish_reason="error", error=error))
 
-    def _accept_sampled(self, rows: list[Row], logits: torch.Tensor, advance: bool = False) -> None:
-        """One token per row sampled from logits [B, V] (a row's sampling error is its own) and accepted."""
-        tokens = sample_batch(logits, [r.sampler for r in rows])
-        for row, token in zip(rows, tokens, strict=True):
-            row.next_pos += advance
-            self._accept_token(row, token)
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[Sampled | Exception]:
+        """sample_batch over the rows, with their samplers and sampling plan kept while the row list (the
+        same list object: the engine replaces it whenever rows join or leave) stays the same."""
+        cached = self._sampler_cache
+        if cached is None or cached[0] is not rows:
+            samplers = [r.sampler for r in rows]
+            cached = (rows, samplers, sampling_plan(samplers, logits.shape[-1], logits.device))
+            self._sampler_cache = cached
+        return sample_batch(logits, cached[1], cached[2])
 
-    def _accept_token(self, row: Row, sampled: Sampled | Exception) -> None:
-        """Turn a sampled token into the row's event and deliver it (ending the row if it is a final one)."""
-        first = not row.tokens
-        event = row.accept(sampled, self.runner.eos_ids, self.runner.max_context, self.row_capacity)
-        if first and row.tokens:
-            self.ttft_samples.append(time.monotonic() - row.pending.submitted)
-        if event.token_id is not None:
-            self.tokens_generated += 1
-        if event.finish_reason is not None:
-            self._finish(row, event)
-        else:
-            self._send(row.pending, event)
+    def _accept_sampled(self, rows: list[Row], logits: torch.Tensor, advance: bool = False) -> None:
+        """One token per row sampled from logits [B, V] (a row's sampling error is its own) and accepted:
+        each row's event is delivered (a final one ends the row). `advance`: the rows were fed a token."""
+        sampled = self._sample(rows, logits)
+        eos_ids, max_context, capacity = self.runner.eos_ids, self.runner.max_context, self.row_capacity
+        generated = 0
+        for row, token in zip(rows, sampled, strict=True):
+            if advance:
+                row.next_pos += 1
+                row.columns += 1
+            elif not row.tokens and not isinstance(token, Exception):
+                self.ttft_samples.append(time.monotonic() - row.pending.submitted)
+            event = row.accept(token, eos_ids, max_context, capacity)
+            if event.finish_reason is not None:
+                generated += event.token_id is not None
+                self._finish(row, event)
+                continue
+            generated += 1  # an event that is not final carries its token
+            try:  # _send for an event that is not final
+                row.pending.deliver(event)
+            except Exception:
+                self._undeliverable(row.pending)
+        self.tokens_generated += generated
 
     def _finish(self, row: Row, event: TokenEvent) -> None:
         row.finished = True
+        self._any_finished = True
         log.debug(
             "request %d finished: %s after %d tokens",
             row.req.request_id,
@@ -86,13 +103,18 @@ class RowEvents:
             self.finished[event.finish_reason] = self.finished.get(event.finish_reason, 0) + 1
         try:
             pending.deliver(event)
-        except Exception:  # e.g. the receiving event loop is closed: nobody listens any more
-            log.warning(
-                "request %d: event delivery failed; cancelling it",
-                pending.req.request_id,
-                extra=pending.req.log_extra,
-            )
-            pending.req.cancelled.set()
+        except Exception:
+            self._undeliverable(pending)
+
+    @staticmethod
+    def _undeliverable(pending: Pending) -> None:
+        """Delivery failed (e.g. the receiving event loop is closed: nobody listens any more): cancel it."""
+        log.warning(
+            "request %d: event delivery failed; cancelling it",
+            pending.req.request_id,
+            extra=pending.req.log_extra,
+        )
+        pending.req.cancelled.set()
 
     def _fail_rows(self, rows: list[Row], message: str) -> None:
         """Finish `rows` with finish_reason error; failing the running batch frees its slots too."""
@@ -109,6 +131,9 @@ class RowEvents:
 
     def _compact(self) -> None:
         """Finished rows leave their KV slots; the last rows move into the holes (one row copied per hole)."""
+        if not self._any_finished:  # no row finished since the last compaction
+            return
+        self._any_finished = False
         finished = {i for i, r in enumerate(self._rows) if r.finished}
         if not finished:
             return

@@ -28,9 +28,11 @@ class SamplingParams:
     logprobs: int | None = None  # None -> off; k -> each token's log-prob and the k most likely
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenEvent:
-    """One step of output. `text` is the newly decoded text (may be empty mid-codepoint)."""
+    """One step of output. `text` is the newly decoded text (may be empty mid-codepoint). Not frozen: the
+    engine builds one per row per step, and a frozen dataclass pays an object.__setattr__ per field; nothing
+    changes an event after it is sent."""
 
     token_id: int | None
     text: str

@@ -15,7 +15,8 @@ from runtime.model_runner import ModelRunner
 from runtime.prompt_cache import Lookup, PromptCache, root_id
 from server.prefixes import DevicePrefix, device_prefix
 from server.requests import GenerationRequest, TokenEvent
-from server.sampling import RowSampler, Sampled, TextStream
+from server.sampling import RowSampler, Sampled
+from server.text_stream import TextStream
 from server.waiting import Pending
 
 log = logging.getLogger("softserve.engine")
@@ -44,7 +45,9 @@ def prefill_item(
             f"prompt ({len(ids)} tokens) starting at position {prefix.next_position} exceeds the model "
             f"context of {runner.max_context}"
         )
-    at = user_text_offset(runner.tokenizer, ids) if prefix.added_at_user_text else 0
+    at = 0
+    if prefix.added_at_user_text and req.task is not None:  # under the task's system prompt (its head)
+        at = user_text_offset(runner.tokenizer, ids, req.task.input_format.system_prompt)
     return PrefillItem(prefix.keys, prefix.values, prefix.next_position, ids, prefix.added, at)
 
 
@@ -56,10 +59,11 @@ def new_row(
     prefixes: dict[TaskKey, DevicePrefix],
     prompt_cache: PromptCache,
     capacity: int,
+    single_decodes: dict[int, str] | None = None,
 ) -> tuple[Row, PrefillItem]:
     """The row (text stream with stop strings; sampler with penalty state, generator and logit bias checked
     against the vocabulary) and its prefill item, with the prompt's cached blocks moved into its prefix;
-    raises for this request alone."""
+    raises for this request alone. `single_decodes`: a decode([id]) cache shared by the engine's streams."""
     req = pending.req
     item = prefill_item(runner, prefix_cache, bare, req, prefixes)
     if item.length > capacity:
@@ -67,7 +71,7 @@ def new_row(
             f"prompt ({len(item.ids)} tokens) after the task's {item.prefix_len} virtual tokens exceeds the "
             f"KV row capacity of {capacity} tokens"
         )
-    stream = TextStream(runner.decode, req.params.stop)
+    stream = TextStream(runner.decode, req.params.stop, single_decodes)
     sampler = RowSampler.create(req.params, runner.device, runner.fingerprint.vocab_size)
     found = prompt_cache.lookup(root_id(req.task.key if req.task else None), item.ids)
     req.cached_tokens = found.cached_tokens
@@ -87,6 +91,10 @@ class Row:
     lookup: Lookup  # its prompt's blocks in the prompt cache
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
+    max_new_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens = self.pending.req.params.max_new_tokens
 
     @property
     def req(self) -> GenerationRequest:
@@ -97,13 +105,14 @@ class Row:
     ) -> TokenEvent:
         """The row's event for its sampled token: a final one when the row ends with it (EOS, a stop string,
         max_new_tokens, the model context or its KV capacity), or when sampling or decoding failed."""
-        req = self.req
         if isinstance(sampled, Exception):
+            req = self.req
             log.warning("request %d: sampling failed: %s", req.request_id, sampled, extra=req.log_extra)
             error = f"sampling failed: {type(sampled).__name__}: {sampled}"[:300]
             return TokenEvent(None, "", finish_reason="error", error=error)
         token = sampled.token
-        self.tokens.append(token)
+        tokens = self.tokens
+        tokens.append(token)
         if token in eos_ids:  # never fed back: the row ends here
             return TokenEvent(None, self.stream.flush(), finish_reason="stop")
         try:
@@ -111,7 +120,7 @@ class Row:
             if stopped:
                 event = TokenEvent(token, text, finish_reason="stop")
             elif (
-                len(self.tokens) >= req.params.max_new_tokens
+                len(tokens) >= self.max_new_tokens
                 or self.next_pos >= max_context
                 or (self.columns >= capacity)
             ):
@@ -119,6 +128,7 @@ class Row:
             else:
                 event = TokenEvent(token, text)
         except Exception as exc:  # e.g. the tokenizer cannot decode: this row alone fails
+            req = self.req
             log.exception("request %d: decoding its text failed", req.request_id, extra=req.log_extra)
             event = TokenEvent(None, "", finish_reason="error", error=f"decode failed: {type(exc).__name__}")
-        return sampled.annotate(event)  # its log-probs, when asked
+        return event if sampled.logprob is None else sampled.annotate(event)  # its log-probs, when asked

@@ -1,5 +1,5 @@
 """Per-row token choice (greedy, temperature, top-k, top-p, seeded), logit processing (logit bias, penalties),
-log-probs, and streamed text with stop strings.
+log-probs; streamed text with stop strings is `server.text_stream.TextStream` (re-exported here).
 
 Numerically safe for every value the API accepts: a temperature below GREEDY_BELOW (1e-5, as vLLM) is
 greedy, the limit of softmax(logits / T) as T -> 0 (dividing by a smaller T overflows float32 to inf, and
@@ -18,11 +18,12 @@ Per step, for the rows of a batch (vectorised over the rows that ask for each pa
 A row that asks for none of 1-3 is never copied or changed: its token is exactly what it was without them.
 Steps 1-2 live in server.logits.
 
-Batched draw (step 4): the per-row temperature, top-k and top-p are tensors built once per row set (`_Plan`,
-cached while the rows stay the same). Top-p rows are sorted once, together, and filtered in sorted order
-(top-k first: every token below the k-th score goes, ties at the k-th stay; then the nucleus); top-k-only
-rows are cut at their k-th score (torch.topk, no sort); rows that ask for neither are not filtered. Each
-drawn row takes one uniform u from its own generator per step and gets the first token whose cumulative
+Batched draw (step 4): the per-row temperature, top-k and top-p are tensors built once per row set
+(`SamplingPlan`, cached while the rows stay the same). Top-p rows are sorted once, together, and filtered
+in sorted order (top-k first: every token below the k-th score goes, ties at the k-th stay; then the
+nucleus); top-k-only rows are cut at their k-th score (torch.topk, no sort); rows that ask for neither are
+not filtered; a batch of greedy rows alone takes one argmax (`_argmax_tokens`). Each drawn row takes one
+uniform u from its own generator per step and gets the first token whose cumulative
 probability exceeds u times the total (inverse CDF, over all drawn rows at once), so a seed gives the same
 tokens alone or in any batch. The tokens, the per-row finiteness flags and the log-probs reach the host in
 one transfer per call (`_to_host`).
@@ -33,7 +34,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +48,7 @@ from server.logits import (
     processed_scores,
 )
 from server.requests import SamplingParams, TokenEvent
+from server.text_stream import REPLACEMENT_CHAR, SINGLE_CACHE_IDS, TextStream
 
 __all__ = [
     "GREEDY_BELOW",
@@ -54,15 +56,17 @@ __all__ = [
     "REPLACEMENT_CHAR",
     "RowSampler",
     "Sampled",
+    "SamplingPlan",
     "TextStream",
     "is_greedy",
     "make_generator",
     "process_logits",
     "sample_batch",
     "sample_tokens",
+    "sampling_plan",
 ]
 
-REPLACEMENT_CHAR = "\ufffd"
+EXACT_FLOAT_IDS = 1 << 24  # token ids up to this are exact in float32
 
 
 class NonFiniteLogits(ValueError):
@@ -85,7 +89,7 @@ class Sampled:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class SamplingPlan:
     """A row set's per-row sampling parameters as tensors. The drawn rows are ordered top-p rows first
     (`nucleus` of them), then top-k-only rows (`cut`), then plain ones."""
 
@@ -101,6 +105,8 @@ class _Plan:
     logprob_rows: tuple[int, ...]  # batch rows that asked for log-probs
     logprob_idx: torch.Tensor  # [L] long
     logprob_k: int  # the most alternatives any of them asked for
+    plain: bool  # every row is greedy with no logit processing and no log-probs: argmax only
+    observed: tuple[int, ...]  # rows whose sampler counts its tokens (penalties)
 
     def matches(self, samplers: Sequence[RowSampler]) -> bool:
         return len(self.rows) == len(samplers) and all(
@@ -108,7 +114,7 @@ class _Plan:
         )
 
 
-def _build_plan(samplers: Sequence[RowSampler], vocab: int, device: torch.device) -> _Plan:
+def _build_plan(samplers: Sequence[RowSampler], vocab: int, device: torch.device) -> SamplingPlan:
     drawn = [b for b, s in enumerate(samplers) if s.sampled]
     has_k = {b for b in drawn if 0 < samplers[b].params.top_k < vocab}
     has_p = [b for b in drawn if 0 < samplers[b].params.top_p < 1]
@@ -120,7 +126,7 @@ def _build_plan(samplers: Sequence[RowSampler], vocab: int, device: torch.device
     def tensor(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device)
 
-    return _Plan(
+    return SamplingPlan(
         rows=tuple(weakref.ref(s) for s in samplers),
         drawn=tuple(order),
         drawn_idx=tensor(order, torch.long),  # [S]
@@ -133,14 +139,16 @@ def _build_plan(samplers: Sequence[RowSampler], vocab: int, device: torch.device
         logprob_rows=logprob_rows,
         logprob_idx=tensor(list(logprob_rows), torch.long),  # [L]
         logprob_k=min(max((samplers[b].params.logprobs or 0 for b in logprob_rows), default=0), vocab),
+        plain=not order and not logprob_rows and not any(s.processes for s in samplers),
+        observed=tuple(b for b, s in enumerate(samplers) if s.penalised),
     )
 
 
-_PLANS: OrderedDict[tuple[object, ...], _Plan] = OrderedDict()
+_PLANS: OrderedDict[tuple[object, ...], SamplingPlan] = OrderedDict()
 _PLANS_LOCK = threading.Lock()
 
 
-def _plan(samplers: Sequence[RowSampler], vocab: int, device: torch.device) -> _Plan:
+def _plan(samplers: Sequence[RowSampler], vocab: int, device: torch.device) -> SamplingPlan:
     """The row set's plan, built once while the same samplers (by identity) come back in the same order."""
     key = (vocab, device, *map(id, samplers))
     with _PLANS_LOCK:
@@ -165,7 +173,7 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, 
     return index, (torch.isfinite(total) & (total > 0))[:, 0]
 
 
-def _draw(scores: torch.Tensor, plan: _Plan, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(scores: torch.Tensor, plan: SamplingPlan, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [B, V], u [S, 1] -> (token [S], ok [S]) for the plan's drawn rows."""
     x = scores[plan.drawn_idx].float() / plan.temperature  # [S, V] a copy: scores stay as they are
     n, k = plan.nucleus, plan.nucleus + plan.cut
@@ -190,7 +198,7 @@ def _draw(scores: torch.Tensor, plan: _Plan, u: torch.Tensor) -> tuple[torch.Ten
     return torch.cat(tokens), torch.cat(ok)  # [S], [S]
 
 
-def _device_step(scores: torch.Tensor, plan: _Plan, u: torch.Tensor) -> torch.Tensor:
+def _device_step(scores: torch.Tensor, plan: SamplingPlan, u: torch.Tensor) -> torch.Tensor:
     """scores [B, V] -> one vector: token [B], ok [B], then for the log-prob rows (if any; else int64) the
     token's log-prob [L] and the top alternatives' log-probs [L * k] and ids [L * k]. Nothing leaves the
     device."""
@@ -216,12 +224,13 @@ def _to_host(values: torch.Tensor) -> list[float]:
     return values.tolist()
 
 
-def _unpack(flat: list[float], plan: _Plan, samplers: Sequence[RowSampler]) -> list[Sampled | Exception]:
+def _unpack(
+    flat: list[float], plan: SamplingPlan, samplers: Sequence[RowSampler]
+) -> list[Sampled | Exception]:
     size, lp_rows, k = len(samplers), plan.logprob_rows, plan.logprob_k
     tokens, ok = flat[:size], flat[size : 2 * size]
     out: list[Sampled | Exception] = [
-        Sampled(int(t)) if fine else NonFiniteLogits("the model produced non-finite logits for this request")
-        for t, fine in zip(tokens, ok, strict=True)
+        Sampled(int(t)) if fine else NonFiniteLogits(_NON_FINITE) for t, fine in zip(tokens, ok, strict=True)
     ]
     at = 2 * size + len(lp_rows)  # the chosen tokens' log-probs are flat[2 * size : at]
     values, ids = flat[at : at + len(lp_rows) * k], flat[at + len(lp_rows) * k :]
@@ -233,15 +242,29 @@ def _unpack(flat: list[float], plan: _Plan, samplers: Sequence[RowSampler]) -> l
     return out
 
 
-def sample_batch(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[Sampled | Exception]:
+def sampling_plan(samplers: Sequence[RowSampler], vocab: int, device: torch.device) -> SamplingPlan:
+    """The plan `sample_batch` uses for these rows (a caller that keeps the same rows may keep it)."""
+    return _plan(samplers, vocab, device)
+
+
+def sample_batch(
+    logits: torch.Tensor, samplers: Sequence[RowSampler], plan: SamplingPlan | None = None
+) -> list[Sampled | Exception]:
     """logits [B, V] -> per row its Sampled token, or the exception that row raised (it fails alone).
+    `plan`: `sampling_plan(samplers, V, logits.device)` of exactly these samplers, when the caller kept it.
 
     Greedy rows share one argmax; a row whose maximum score is not finite (NaN propagates into the maximum,
     as does +inf; an all -inf row has -inf) is refused with NonFiniteLogits. If the rows fail together, each
     is computed alone (with the same draw), so a failure is its row's.
     """
+    if plan is None:
+        plan = _plan(samplers, logits.shape[-1], logits.device)
+    if plan.plain:  # greedy rows only, nothing processed: argmax, one transfer, shared Sampled objects
+        marked = _argmax_tokens(logits)
+        if marked is not None:
+            get = _GREEDY.get  # (a float id finds its int key: equal numbers hash alike)
+            return [(get(t) or _greedy(int(t))) if t == t else NonFiniteLogits(_NON_FINITE) for t in marked]
     scores, failed = processed_scores(logits, samplers)  # [B, V]
-    plan = _plan(samplers, logits.shape[-1], logits.device)
     draws: dict[int, torch.Tensor] = {}
     for b in plan.drawn:
         gen = samplers[b].generator
@@ -265,10 +288,38 @@ def sample_batch(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[S
                 out.append(exc)
     for b, error in failed.items():
         out[b] = error
-    for s, result in zip(samplers, out, strict=True):
+    for b in plan.observed:
+        result = out[b]
         if isinstance(result, Sampled):
-            s.observe(result.token)
+            samplers[b].observe(result.token)
     return out
+
+
+def _argmax_tokens(logits: torch.Tensor) -> list[float] | None:
+    """logits [B, V] -> each row's argmax as a float (exact), NaN where the row's maximum is not finite;
+    None if that fails (the general path then attributes the failure to its rows)."""
+    try:
+        top, best = torch.max(logits, dim=-1)  # [B], [B]; NaN and +inf propagate into the maximum
+        if logits.shape[-1] <= EXACT_FLOAT_IDS:  # ids exact in float32: two small kernels
+            marked: list[float] = (best + (top - top)).tolist()  # [B]: top - top is 0, or NaN
+        else:
+            marked = torch.where(torch.isfinite(top), best.double(), float("nan")).tolist()  # [B]
+    except Exception:
+        return None
+    return marked
+
+
+_NON_FINITE = "the model produced non-finite logits for this request"
+_GREEDY: dict[float, Sampled] = {}  # Sampled(token) without log-probs by id, shared (immutable)
+
+
+def _greedy(token: int) -> Sampled:
+    sampled = _GREEDY.get(token)
+    if sampled is None:
+        sampled = Sampled(token)
+        if len(_GREEDY) < SINGLE_CACHE_IDS:
+            _GREEDY[token] = sampled
+    return sampled
 
 
 def sample_tokens(
@@ -277,99 +328,3 @@ def sample_tokens(
     """logits [B, V] -> per row a token id or its exception (`sample_batch` for stateless rows)."""
     samplers = [RowSampler(p, g) for p, g in zip(params, generators, strict=True)]
     return [t if isinstance(t, Exception) else t.token for t in sample_batch(logits, samplers)]
-
-
-class TextStream:
-    """Incremental text of generated tokens; holds back text that could still become a stop string.
-
-    `push(token)` returns (new text safe to emit, stopped). When a stop string appears, the text is truncated
-    right before it. `flush()` returns what was held back (call it when the request ends another way).
-
-    O(1) per token (amortised), as TGI/vLLM detokenise: decode(ids[prefix:]) minus decode(ids[prefix:read])
-    is the new text (the one-token context keeps a SentencePiece leading space and a byte-level character
-    split across tokens right). It is committed, and the offsets advance, once it does not end in U+FFFD
-    (an incomplete UTF-8 sequence); until then it is pending text, seen by the stop search exactly as a full
-    decode shows it. The stop search and the hold-back see only the text not yet emitted plus
-    len(longest stop) - 1 characters before it. A decode that is not local (the window's text does not
-    start with its context's) makes the stream decode every id from then on, so the text is always what
-    decode(ids) gives. Costs grow only while ids decode to no text or to U+FFFD (a run of invalid bytes).
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
-        self._decode = decode
-        self.stop = tuple(s for s in stop if s)
-        self._longest_stop = max((len(s) for s in self.stop), default=0)
-        self._look = max(self._longest_stop - 1, 0)  # characters before `emitted` that a stop may start in
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of the text (decode(ids)) already handed out
-        self._prefix = 0  # ids[_prefix:_read] decode to `_context`: the text just before the new ids
-        self._read = 0
-        self._context = ""
-        self._committed = 0  # characters of decode(ids[:_read])
-        self._base = 0  # absolute index of _tail[0]
-        self._tail = ""  # decode(ids[:_read])[_base:]
-        self._pending = ""  # text of ids[_read:], ends in U+FFFD (or is empty)
-        self._full = False  # the decode is not local: decode every id (the text is still exact)
-        self._stopped = False
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        if self._stopped:
-            return "", True
-        self.ids.append(token_id)
-        if not self._full:
-            self._advance()
-        if self._full:
-            self._base, self._tail, self._pending = 0, self._decode(self.ids), ""
-        text = self._tail + self._pending  # decode(ids)[_base:]
-        start = self.emitted - self._base
-        cut = self._find_stop(text, start)  # held-back text starts at `emitted`, so any new stop does too
-        if cut is not None:
-            out = text[start : max(cut, start)]
-            self._tail, self._pending = text[:cut], ""
-            self.emitted = self._base + cut
-            self._stopped = True
-            return out, True
-        end = self._safe_end(text)
-        out = text[start:end] if end > start else ""
-        self.emitted = max(self.emitted, self._base + end)
-        if not self._full:  # keep only what the next search can reach
-            base = max(self._base, min(self.emitted, self._committed) - self._look)
-            self._tail = self._tail[base - self._base :]
-            self._base = base
-        return out, False
-
-    def flush(self) -> str:
-        text = self._tail + self._pending
-        out = text[self.emitted - self._base :]
-        self.emitted = self._base + len(text)
-        return out
-
-    def _advance(self) -> None:
-        """Decode the ids since the last committed text in their one-token context; commit when complete."""
-        window = self._decode(self.ids[self._prefix :])
-        if not window.startswith(self._context):
-            self._full = True
-            return
-        new = window[len(self._context) :]
-        if not new or new.endswith(REPLACEMENT_CHAR):
-            self._pending = new
-            return
-        self._tail += new
-        self._committed += len(new)
-        self._pending = ""
-        self._prefix, self._read = self._read, len(self.ids)
-        self._context = self._decode(self.ids[self._prefix : self._read])
-
-    def _find_stop(self, text: str, start: int) -> int | None:
-        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _safe_end(self, text: str) -> int:
-        end = len(text)
-        while end > 0 and text[end - 1] == REPLACEMENT_CHAR:  # an incomplete UTF-8 sequence so far
-            end -= 1
-        for k in range(min(self._look, end), 0, -1):
-            tail = text[end - k : end]
-            if any(s.startswith(tail) for s in self.stop):
-                return end - k
-        return end

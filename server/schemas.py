@@ -118,6 +118,16 @@ class GenerateResponse(BaseModel):
     choices: list[GenerateChoice] | None = Field(None, description="when n > 1")
 
 
+class InputFormatOut(BaseModel):
+    """How the task was trained to read a request (the manifest's input_format): a plain `prompt` is
+    formatted this way; `messages` always go through the chat template."""
+
+    chat_template: bool = Field(description="true: a `prompt` is the user turn of the chat template")
+    system_prompt: str | None = Field(
+        description="the system message training used (null: the template's own default, or none when raw)"
+    )
+
+
 class TaskResponse(BaseModel):
     task_id: str
     version: int
@@ -125,11 +135,17 @@ class TaskResponse(BaseModel):
     sha256: str
     created_at: str
     versions: list[int] = Field(default_factory=list)
+    input_format: InputFormatOut | None = None
 
 
 class CompressRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    gist_task: TaskIdField = Field(description="a stored gist_embedding task (the learned gist tokens)")
+    gist_task: TaskIdField | None = Field(
+        None, description="a stored gist_embedding task (the learned gist tokens); or give `compressor`"
+    )
+    compressor: TaskIdField | None = Field(
+        None, description="a stored gist_compressor task (gist tokens + a LoRA compressor for this base)"
+    )
     instruction: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     keep_instruction: bool = Field(False, description="keep the instruction text in the artifact's manifest")
 

@@ -18,21 +18,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive
 
 from prompt_store import TaskPrompt
 from prompt_store.cache import Lease
 from server.errors import DeadlineExceeded, GenerationFailed, LimitExceeded, NotReady, Overloaded
+from server.prompt_input import BASE_TASK, pin
 from server.request_id import current_request_id
 from server.requests import GenerationRequest, SamplingParams, TokenEvent
 from server.schemas import DEFAULT_NEW_TOKENS
 from server.state import ServerState
-from server.tokenization import check_text_bounds, encode_chat, encode_text
 from server.waiting import Deliver, EngineStopped, QueueFull
 
-BASE_TASK = "base"
 SEED_MASK = 2**63 - 1
 log = logging.getLogger("softserve.service")
 
@@ -102,23 +100,6 @@ class Outcome:
     token_events: list[TokenEvent] = field(default_factory=list)  # events that carry a token
 
 
-def tokenize(state: ServerState, prompt: str | None, messages: Sequence[dict[str, str]] | None) -> list[int]:
-    """Prompt ids; user text is never parsed as control tokens (see server.tokenization). Blocking."""
-    tokenizer = state.runner.tokenizer
-    if messages is not None:
-        return encode_chat(tokenizer, messages)
-    assert prompt is not None
-    return encode_text(tokenizer, prompt)
-
-
-async def prompt_ids(
-    state: ServerState, prompt: str | None, messages: Sequence[dict[str, str]] | None
-) -> list[int]:
-    """Text that cannot fit is refused before any work (422); tokenizing and templating run off the loop."""
-    check_text_bounds(state.runner.tokenizer, state.settings.max_prompt_tokens, prompt, messages)
-    return await run_in_threadpool(tokenize, state, prompt, messages)
-
-
 def check_token_ids(state: ServerState, ids: Sequence[int], field_name: str) -> list[int]:
     """Token ids sent by a client (a completions prompt, a logit_bias key) must be in the vocabulary."""
     vocab = state.runner.fingerprint.vocab_size
@@ -170,16 +151,17 @@ async def prepare_many(
     n: int = 1,
     limit_field: str = "max_new_tokens",
     prompt_field: str = "prompt",
+    lease: Lease | None = None,
 ) -> Prepared:
-    """Pin the task's current version and check every token limit (virtual tokens included) per prompt;
-    `n` requests per prompt. Limits are named by the client's fields (`limit_field`, `prompt_field`)."""
-    if state.draining:
+    """Pin the task's current version (or take `lease`, from server.prompt_input) and check every token
+    limit (virtual tokens included) per prompt; `n` requests per prompt. Limits are named by the client's
+    fields (`limit_field`, `prompt_field`)."""
+    if lease is None:
+        lease = await pin(state, task_id)
+    elif state.draining:
+        lease.release()
         raise NotReady("server is shutting down", retry_after=5)
-    lease = None
-    task = None
-    if task_id not in (None, BASE_TASK):
-        lease = await run_in_threadpool(state.cache.acquire, task_id)
-        task = lease.task
+    task = lease.task if lease is not None else None
     try:
         for i, ids in enumerate(prompts):
             name = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"

@@ -12,8 +12,8 @@ import logging
 
 from prompt_store import Artifact, StoreError, check_servable, validate_artifact
 from prompt_store.backends import ChangeEvent, Store, TaskInfo
-from prompt_store.errors import NotFound
-from runtime.gist import compress
+from prompt_store.errors import NotFound, ValidationError
+from runtime.gist import COMPRESSOR_METHOD, compress
 from server.errors import BadRequest
 from server.schemas import CompressRequest
 from server.state import ServerState
@@ -73,15 +73,41 @@ def stored_info(state: ServerState, artifact: Artifact, version: int) -> TaskInf
     except StoreError:
         versions = ()
     m = artifact.manifest
-    return TaskInfo(artifact.task_id, version, m.method, m.sha256, m.created_at, versions)
+    return TaskInfo(artifact.task_id, version, m.method, m.sha256, m.created_at, versions, m.input_format)
 
 
 def compress_and_store(state: ServerState, task_id: str, body: CompressRequest) -> TaskInfo:
-    """Compress `body.instruction` with the stored gist embeddings into a new version of `task_id`."""
-    gists = state.store.get(body.gist_task)
-    validate_artifact(gists, state.runner.fingerprint, state.limits)
-    artifact = compress(state.runner, gists, body.instruction, task_id, keep=body.keep_instruction)
+    """Compress `body.instruction` with the stored gist embeddings or compressor into a new version of
+    `task_id`."""
+    source = compress_source(state, body)
+    artifact = compress(state.runner, source, body.instruction, task_id, keep=body.keep_instruction)
     return store_artifact(state, artifact, action="compress")
+
+
+def compress_source(state: ServerState, body: CompressRequest) -> Artifact:
+    """The stored artifact a compress runs with: `gist_task` (gist embeddings) or `compressor` (a
+    gist_compressor, refused unless it was trained on this base model)."""
+    if (body.compressor is None) == (body.gist_task is None):
+        raise BadRequest("give exactly one of gist_task and compressor", field="compressor")
+    if body.compressor is None:
+        gists = state.store.get(str(body.gist_task))
+        validate_artifact(gists, state.runner.fingerprint, state.limits)
+        return gists
+    try:
+        artifact = state.store.get(body.compressor)
+    except NotFound:
+        raise NotFound(f"compressor {body.compressor!r} is not a stored task", field="compressor") from None
+    if artifact.manifest.method != COMPRESSOR_METHOD:
+        raise ValidationError(
+            f"compressor {body.compressor!r} is a {artifact.manifest.method!r} artifact, "
+            f"not {COMPRESSOR_METHOD}",
+            field="compressor",
+        )
+    try:
+        validate_artifact(artifact, state.runner.fingerprint, state.limits)
+    except ValidationError as exc:
+        raise ValidationError(f"compressor {body.compressor!r}: {exc.message}", field="compressor") from exc
+    return artifact
 
 
 def previous_content(store: Store, info: TaskInfo) -> int:

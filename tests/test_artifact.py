@@ -274,9 +274,9 @@ def test_too_many_virtual_tokens_refused(tiny_fingerprint: Fingerprint, tmp_path
 
 
 def test_format_version_mismatch_refused(tiny_fingerprint: Fingerprint, tmp_path: Path) -> None:
-    data = with_manifest(build(tiny_fingerprint, "prompt_tuning"), format_version=2)
+    data = with_manifest(build(tiny_fingerprint, "prompt_tuning"), format_version=3)
     err = refuse(data, ArtifactFormatError, tmp_path)
-    assert err.field == "format_version" and "2" in str(err)
+    assert err.field == "format_version" and "3" in str(err)
 
 
 @pytest.mark.parametrize(

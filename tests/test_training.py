@@ -132,8 +132,30 @@ def test_accept_exports_factors_and_has_two_learning_rates(model, tok, fp) -> No
     assert t["added_weight"].shape == (2, 2, 8) and t["added_codebook"].shape == (2, 8, 32)
     torch.testing.assert_close(compose(t["prompt_weight"], t["prompt_codebook"]), method.prompt().detach())
     groups = {g["name"]: g for g in method.param_groups(0.1, 0.0)}
-    assert groups["weights"]["lr"] == 0.5 and groups["codebooks"]["lr"] == 0.01
+    assert groups["prompt_weights"]["lr"] == 0.5 and groups["prompt_codebook"]["lr"] == 0.01
     assert {id(p) for g in groups.values() for p in g["params"]} == {id(p) for p in method.parameters()}
+
+
+def test_accept_scap_trains_at_its_own_learning_rate(model, tok) -> None:  # type: ignore[no-untyped-def]
+    """The reference (ACCEPT's train.py, DePT's --lora_embedding_lr): SCAP's pair in its own AdamW group."""
+    from training.loop import TrainConfig, make_optimizer
+    from training.methods.accept import ADDED_LR_RATIO
+
+    opts = {"num_virtual_tokens": 4, "num_subspaces": 4, "added_length": 2, "added_subspaces": 2}
+    method = build("accept", model, tok, **opts)
+    optimizer = make_optimizer(method, TrainConfig(lr=0.3))
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {
+        "prompt_weights": 0.3,
+        "prompt_codebook": 0.3,
+        "added": pytest.approx(0.3 * ADDED_LR_RATIO),
+    }
+    added = next(g for g in optimizer.param_groups if g["name"] == "added")
+    assert {id(p) for p in added["params"]} == {id(method.added_weight), id(method.added_codebook)}
+    given = build("accept", model, tok, added_lr=1e-3, **opts)
+    assert {g["name"]: g["lr"] for g in given.param_groups(0.3, 0.0)}["added"] == 1e-3
+    no_scap = build("accept", model, tok, **(opts | {"added_length": 0}))
+    assert [g["name"] for g in no_scap.param_groups(0.3, 0.0)] == ["prompt_weights", "prompt_codebook"]
 
 
 def test_accept_text_init_factorises_the_instruction(model, tok) -> None:  # type: ignore[no-untyped-def]

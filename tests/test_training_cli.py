@@ -207,3 +207,20 @@ def test_two_cpu_ranks_through_accelerate_match_one_process(tmp_path: Path) -> N
     assert len(ranks) == 2 and ranks[0]["keys"] == ranks[1]["keys"]
     assert ranks[0]["losses"] == pytest.approx(single["losses"], abs=1e-5)
     assert ranks[0]["keys"] == pytest.approx(single["keys"], abs=1e-3)
+
+
+def test_one_list_of_method_options_for_the_cli_the_jobs_api_and_the_trainers() -> None:
+    """prompt_store.methods.TRAINING_OPTIONS is the one list: every name is a `train` flag, a fine-tuning
+    job hyperparameter and a field of at least one trainer's config."""
+    import dataclasses
+
+    from jobs import records
+    from prompt_store.methods import TRAINING_OPTIONS
+    from server.routes.fine_tuning import Hyperparameters
+    from training.methods import METHODS
+
+    assert cli.METHOD_OPTIONS is records.METHOD_HYPERPARAMETERS is TRAINING_OPTIONS
+    args = cli.build_parser().parse_args(["train", "--method", "accept", "--data", "x.jsonl"])
+    fields = {f.name for _, cfg in METHODS.values() for f in dataclasses.fields(cfg)}
+    for name in TRAINING_OPTIONS:
+        assert hasattr(args, name) and name in Hyperparameters.model_fields and name in fields, name

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prompt_store import Artifact, StoreError, load, make_artifact, save, to_bytes
+from prompt_store.methods.options import TRAINING_OPTIONS
 from prompt_store.types import SUPPORTED_DTYPES
 from softserve_client import (
     EXIT_REFUSED,
@@ -41,23 +42,7 @@ from softserve_client import (
 )
 from training.methods import METHODS
 
-METHOD_OPTIONS = (
-    "num_virtual_tokens",
-    "init",
-    "init_text",
-    "encoder_type",
-    "encoder_hidden_size",
-    "projection",
-    "projection_hidden_size",
-    "num_subspaces",
-    "num_codewords",
-    "added_length",
-    "added_subspaces",
-    "added_codewords",
-    "weight_lr",
-    "codebook_lr",
-    "num_gist_tokens",
-)
+METHOD_OPTIONS = TRAINING_OPTIONS  # the artifact contract's one list (prompt_store.methods)
 
 
 def _chat(value: str) -> bool | None:
@@ -91,7 +76,11 @@ def _add_data_args(p: argparse.ArgumentParser, multiple: bool) -> None:
     g.add_argument("--max-eval", type=int, default=None, help="cap on held-out examples per file")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/eval split (%(default)s)")
     g.add_argument(
-        "--chat", choices=("auto", "on", "off"), default="auto", help="use the chat template (auto)"
+        "--chat",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="chat template: auto = train: when the tokenizer has one, eval: as the artifact records; "
+        "off = raw text. An artifact records its format; the server formats a plain prompt the same way",
     )
     g.add_argument("--max-new-tokens", type=int, default=None, help="eval decode length (longest answer + 4)")
 
@@ -150,8 +139,9 @@ def _train_parser(sub: Any) -> None:
     m.add_argument("--added-length", type=int, help="accept SCAP length s (0 = no SCAP)")
     m.add_argument("--added-subspaces", type=int, help="accept SCAP subspaces (8)")
     m.add_argument("--added-codewords", type=int, help="accept SCAP codewords (8)")
-    m.add_argument("--weight-lr", type=float, help="accept learning rate of the weights (default --lr)")
-    m.add_argument("--codebook-lr", type=float, help="accept learning rate of the codebooks (default --lr)")
+    m.add_argument("--weight-lr", type=float, help="accept learning rate of the SCPP weights (default --lr)")
+    m.add_argument("--codebook-lr", type=float, help="accept learning rate of the codebook (default --lr)")
+    m.add_argument("--added-lr", type=float, help="accept learning rate of SCAP (default --lr / 60)")
     m.add_argument("--num-gist-tokens", type=int, help="gist k (2)")
     p.set_defaults(func=_cmd_train)
 
@@ -324,7 +314,9 @@ def retarget(artifact: Artifact, task_id: str) -> Artifact:
     if task_id == artifact.task_id:
         return artifact
     m = artifact.manifest
-    return make_artifact(task_id, m.method, m.method_config, artifact.tensors, m.base_model, m.notes)
+    return make_artifact(
+        task_id, m.method, m.method_config, artifact.tensors, m.base_model, m.notes, m.input_format
+    )
 
 
 def push_to_server(

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from prompt_store import InputFormat
 from runtime.input_format import user_text_offset
 
 IGNORE = -100
@@ -108,6 +109,12 @@ class Formatter:
         if self.chat and not has_chat_template(tokenizer):
             raise ValueError("chat formatting was requested but the tokenizer has no chat template")
         self.special_ids = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+
+    @property
+    def input_format(self) -> InputFormat:
+        """What an artifact trained on these ids records: the chat template (no system message of its own:
+        the template's default) or the raw text."""
+        return InputFormat(chat_template=self.chat)
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         text: str = self.tokenizer.apply_chat_template(

@@ -177,10 +177,13 @@ def evaluate_artifact(
     model_name: str = "",
     **kwargs: Any,
 ) -> dict[str, EvalResult]:
-    """`gist_embedding` -> gist + controls; other methods -> `after` (+ `before`: no prompt)."""
+    """`gist_embedding` -> gist + controls; other methods -> `after` (+ `before`: no prompt), in the
+    artifact's recorded input format unless `chat` is given."""
     runner = runner_for(model, tokenizer, model_name)
     if artifact.manifest.method == "gist_embedding":
         return evaluate_gist(runner, tokenizer, artifact, records, model_name=model_name, **kwargs)
+    if kwargs.get("chat") is None:  # evaluated in the input format the server applies to its prompts
+        kwargs["chat"] = artifact.manifest.input_format.chat_template
     out = {"after": evaluate(runner, tokenizer, records, to_serving_form(artifact), **kwargs)}
     if baseline:
         out["before"] = evaluate(runner, tokenizer, records, None, **kwargs)

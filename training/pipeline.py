@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from prompt_store import Artifact, save, validate_artifact
-from training.data import Record, load_jsonl, pad_token_id, split, tokenize
+from training.data import Formatter, Record, load_jsonl, pad_token_id, split, tokenize
 from training.eval import EvalResult, evaluate_artifact
 from training.loop import TrainConfig, TrainResult, train
 from training.methods import build
@@ -64,7 +64,7 @@ class TaskRunConfig:
     method_options: Mapping[str, Any] = field(default_factory=dict)
     out_dir: str | Path | None = None
     resume: bool = False
-    chat: bool | None = None  # None: the chat template when the tokenizer has one
+    chat: bool | None = None  # None: the chat template when the tokenizer has one; False: raw text
     max_length: int = 512
     export_dtype: torch.dtype = torch.float32
     run_eval: bool = False
@@ -82,7 +82,11 @@ def train_task(lm: LoadedModel, data: DataSplit, cfg: TaskRunConfig) -> TaskRun:
     result = train(method, lm.model, examples, cfg.train_cfg, pad, out_dir, cfg.resume, cfg.on_step)
     base = lm.fingerprint()
     artifact = method.export(
-        cfg.task_id, base, dtype=cfg.export_dtype, notes=f"trained by softserve-train ({cfg.method_name})"
+        cfg.task_id,
+        base,
+        dtype=cfg.export_dtype,
+        notes=f"trained by softserve-train ({cfg.method_name})",
+        input_format=Formatter(lm.tokenizer, chat).input_format,  # the format `tokenize` trained on
     )
     validate_artifact(artifact, base)
     run = TaskRun(method=method, artifact=artifact, result=result, data=data)

@@ -159,7 +159,9 @@ def render(
     targets: list[str],
     info: dict[str, Any],
     gl: list[Goal],
+    reference: bool = False,
 ) -> str:
+    """One pass's report; `reference`: a pass measured beside the goal pass (its goals shown unjudged)."""
     ms = 1e3
     limit = args.max_batch + args.max_queue
     lines = [
@@ -228,9 +230,13 @@ def render(
     errs = [(r["concurrency"], r["error_samples"]) for r in rows if r["errors"]]
     for c, samples in errs:
         lines.append(f"- errors at concurrency {c}: " + "; ".join(samples))
-    lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
-    for g in gl:
-        lines.append(f"| {g.measure} | {g.target} | {g.measured} | {'met' if g.met else 'NOT met'} |")
+    if reference:  # measured beside the goal pass, held to nothing
+        lines += ["", "| measure (reference, no goal) | goal pass's target | measured |", "|---|---|---|"]
+        lines += [f"| {g.measure} | {g.target} | {g.measured} |" for g in gl]
+    else:
+        lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
+        for g in gl:
+            lines.append(f"| {g.measure} | {g.target} | {g.measured} | {'met' if g.met else 'NOT met'} |")
     lines.append("")
     return "\n".join(lines)
 

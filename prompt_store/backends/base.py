@@ -7,7 +7,7 @@ import builtins
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
-from prompt_store.types import Artifact
+from prompt_store.types import RAW_FORMAT, Artifact, InputFormat
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class TaskInfo:
     sha256: str
     created_at: str
     versions: tuple[int, ...] = ()
+    input_format: InputFormat = RAW_FORMAT  # of the current version
 
 
 @dataclass(frozen=True)

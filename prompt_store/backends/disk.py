@@ -214,6 +214,7 @@ class DiskStore(Store):
             sha256=sha,
             created_at=manifest.created_at,
             versions=versions,
+            input_format=manifest.input_format,
         )
 
     def list(self) -> list[TaskInfo]:

@@ -405,6 +405,7 @@ class RedisStore(Store):
                 sha256=pointer[1],
                 created_at=manifest.created_at,
                 versions=tuple(sorted(int(v) for v in versions)),
+                input_format=manifest.input_format,
             )
             out.append(info)
         return out

@@ -56,6 +56,7 @@ class Hyperparameters(BaseModel):
     added_codewords: PosInt | None = None
     weight_lr: Annotated[float, Field(gt=0, le=10)] | None = None
     codebook_lr: Annotated[float, Field(gt=0, le=10)] | None = None
+    added_lr: Annotated[float, Field(gt=0, le=10)] | None = None
     num_gist_tokens: Annotated[int, Field(ge=1, le=1024)] | None = None
 
 

@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server import service
+from prompt_store.cache import Lease
+from server import prompt_input, service
 from server.deps import ApiKey, StateDep
+from server.prompt_input import pinned
 from server.requests import TokenEvent
 from server.schemas import (
     ERROR_RESPONSES,
@@ -30,8 +32,14 @@ router = APIRouter(tags=["generate"], dependencies=[ApiKey], responses=ERROR_RES
 
 
 async def prepare_generate(state: ServerState, body: GenerateRequest) -> Prepared:
+    """The task is pinned first: its input format decides how the prompt is tokenized."""
+    async with pinned(state, body.task_id) as lease:
+        return await _prepare(state, body, lease)
+
+
+async def _prepare(state: ServerState, body: GenerateRequest, lease: Lease | None) -> Prepared:
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
-    prompt_ids = await service.prompt_ids(state, body.prompt, messages)
+    prompt_ids = await prompt_input.prompt_ids(state, body.prompt, messages, lease)
     params = service.sampling_params(
         state,
         body.max_new_tokens,
@@ -47,7 +55,9 @@ async def prepare_generate(state: ServerState, body: GenerateRequest) -> Prepare
         logprobs=body.logprobs,
     )
     field = "prompt" if body.prompt is not None else "messages"
-    return await service.prepare_many(state, body.task_id, [prompt_ids], params, n=body.n, prompt_field=field)
+    return await service.prepare_many(
+        state, body.task_id, [prompt_ids], params, n=body.n, prompt_field=field, lease=lease
+    )
 
 
 def token_logprobs(state: ServerState, events: Sequence[TokenEvent]) -> list[TokenLogprob]:

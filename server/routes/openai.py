@@ -19,11 +19,12 @@ from starlette.concurrency import run_in_threadpool
 
 from prompt_store import NotFound, validate_task_id
 from prompt_store.backends import TaskInfo
-from server import openai_format, service
+from server import openai_format, prompt_input, service
 from server.deps import ApiKey, StateDep
 from server.errors import LimitExceeded
 from server.openai_format import Shape
 from server.openai_schemas import MAX_ROWS, ChatCompletionRequest, CompletionRequest, OpenAIBase
+from server.prompt_input import pinned
 from server.schemas import bias_pairs
 from server.service import BASE_TASK, Prepared
 from server.state import ServerState
@@ -172,14 +173,15 @@ async def completions(
     _check(body, len(prompts))
     params = _params(state, body, body.max_tokens, "max_tokens", body.logprobs)
     texts = [p for p in prompts if isinstance(p, str)]
-    if texts:
-        ids = [await service.prompt_ids(state, t, None) for t in texts]
-    else:
-        ids = [service.check_token_ids(state, p, "prompt") for p in prompts if isinstance(p, list)]
-        texts = [state.runner.decode(i) for i in ids] if body.echo else []
-    prepared = await service.prepare_many(
-        state, body.model, ids, params, n=body.choices(), limit_field="max_tokens"
-    )
+    async with pinned(state, body.model) as lease:  # its input format decides a text prompt's tokens
+        if texts:
+            ids = [await prompt_input.prompt_ids(state, t, None, lease) for t in texts]
+        else:
+            ids = [service.check_token_ids(state, p, "prompt") for p in prompts if isinstance(p, list)]
+            texts = [state.runner.decode(i) for i in ids] if body.echo else []
+        prepared = await service.prepare_many(
+            state, body.model, ids, params, n=body.choices(), limit_field="max_tokens", lease=lease
+        )
     shape = Shape(
         chat=False,
         model=body.model,
@@ -198,10 +200,18 @@ async def chat_completions(
     messages = body.template_messages()
     max_new, limit_field = body.max_new()
     params = _params(state, body, max_new, limit_field, body.top_k_logprobs())
-    ids = await service.prompt_ids(state, None, messages)
-    prepared = await service.prepare_many(
-        state, body.model, [ids], params, n=body.choices(), limit_field=limit_field, prompt_field="messages"
-    )
+    async with pinned(state, body.model) as lease:  # its recorded system prompt applies to the messages
+        ids = await prompt_input.prompt_ids(state, None, messages, lease)
+        prepared = await service.prepare_many(
+            state,
+            body.model,
+            [ids],
+            params,
+            n=body.choices(),
+            limit_field=limit_field,
+            prompt_field="messages",
+            lease=lease,
+        )
     shape = Shape(
         chat=True,
         model=body.model,

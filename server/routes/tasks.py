@@ -17,7 +17,7 @@ from prompt_store.backends import TaskInfo
 from prompt_store.task_id import validate_new_task_id
 from server import task_service
 from server.deps import AdminKey, ApiKey, StateDep
-from server.schemas import ERROR_RESPONSES, CompressRequest, TaskList, TaskResponse
+from server.schemas import ERROR_RESPONSES, CompressRequest, InputFormatOut, TaskList, TaskResponse
 
 
 class TaskPathConvertor(Convertor[str]):
@@ -46,6 +46,7 @@ def task_response(info: TaskInfo) -> TaskResponse:
         sha256=info.sha256,
         created_at=info.created_at,
         versions=list(info.versions),
+        input_format=InputFormatOut(**info.input_format.to_dict()),
     )
 
 
@@ -64,9 +65,12 @@ async def put_task(
 
 @router.post("/{task_id:taskpath}/compress", status_code=201, dependencies=[AdminKey])
 async def compress_task(task_id: str, body: CompressRequest, state: StateDep) -> TaskResponse:
-    """Compress an instruction into a new version of `task_id` (method gist) with stored gist embeddings."""
+    """Compress an instruction into a new version of `task_id` (method gist) with stored gist embeddings
+    (`gist_task`) or a trained compressor (`compressor`)."""
     validate_new_task_id(task_id)
-    validate_task_id(body.gist_task)  # the schema's pattern alone lets '..' through
+    for named in (body.gist_task, body.compressor):
+        if named is not None:
+            validate_task_id(named)  # the schema's pattern alone lets '..' through
     return task_response(await run_in_threadpool(task_service.compress_and_store, state, task_id, body))
 
 

@@ -28,6 +28,7 @@ from upload_helpers import (
 )
 
 from prompt_store import Fingerprint
+from prompt_store.types import FORMAT_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +112,8 @@ def manifest_cases(base: Fingerprint) -> dict[str, str]:
         "version-1e400": text.replace('"version":0', '"version":1e400'),
         "version-2**70": text.replace('"version":0', f'"version":{2**70}'),
         "version-5000-digits": text.replace('"version":0', '"version":1' + "0" * 5000),
-        "format_version-1e400": text.replace('"format_version":1', '"format_version":1e400'),
-        "format_version-NaN": text.replace('"format_version":1', '"format_version":NaN'),
+        "format_version-1e400": text.replace(f'"format_version":{FORMAT_VERSION}', '"format_version":1e400'),
+        "format_version-NaN": text.replace(f'"format_version":{FORMAT_VERSION}', '"format_version":NaN'),
         "hidden_size-Infinity": text.replace(f'"hidden_size":{base.hidden_size}', '"hidden_size":Infinity'),
         "num_layers-2**64": text.replace(f'"num_layers":{base.num_layers}', f'"num_layers":{2**64}'),
         "num_virtual_tokens-NaN": text.replace('"num_virtual_tokens":4', '"num_virtual_tokens":NaN'),

@@ -2,7 +2,17 @@
 
 SCPP: prompt [m, d] = compose(prompt_weight [m, K, r], prompt_codebook [K, r, d/K]).
 SCAP (optional): delta [s, d] = compose(added_weight [s, Ka, ra], added_codebook [Ka, ra, d/Ka]) added to
-the first s request-token embeddings. As in the paper, weights and codebooks get separate learning rates.
+the first s tokens of the user's text (`added_at = "user_text"`, runtime.input_format).
+
+Learning rates follow the reference code (github.com/AI-Application-and-Integration-Lab/Accept, train.py,
+built on DePT by Zhengxiang Shi): two AdamW groups, SCPP (its weights and codebook) at `--learning_rate` and
+SCAP (its weights and codebook, DePT's low-rank A/B pair) at its own `--lora_embedding_lr`
+(`--added_embedding_lr` in the example scripts), usually far smaller: ACCEPT's scripts search SCAP
+1e-4..5e-3 against SCPP 3e-1..5e-1 over 30,000 steps (DePT's README: 5e-4, 5e-3 or 3e-1 against 3e-1).
+The reference does not split SCPP's weights from its codebook; `weight_lr` / `codebook_lr` are this
+project's own options (both default to the base lr, i.e. the reference's one SCPP lr). `added_lr` defaults
+to the base lr x ADDED_LR_RATIO: 1/60 is the top of ACCEPT's own SCAP/SCPP range (5e-3 / 3e-1), taken
+because our runs are ~150x shorter (200 steps at 3e-2 give SCAP 5e-4); not tuned on real data here.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from training.lm import prompt_prefix_loss
 from training.methods.base import TrainableMethod, hidden_size, sample_vocab_rows, vocab_embeddings
 
 INITS = ("vocab", "text")
+ADDED_LR_RATIO = 1 / 60  # SCAP lr / base lr when `added_lr` is not given (module docstring)
 
 
 @dataclass(frozen=True)
@@ -32,8 +43,9 @@ class AcceptTrainConfig:
     added_codewords: int = 8
     init: str = "vocab"  # vocab (sampled codewords, one-hot weights) | text (SVD of init_text's embeddings)
     init_text: str = ""
-    weight_lr: float | None = None  # learning rate of the mixing weights (None: the base lr)
-    codebook_lr: float | None = None  # learning rate of the codebooks (None: the base lr)
+    weight_lr: float | None = None  # lr of SCPP's mixing weights (None: the base lr)
+    codebook_lr: float | None = None  # lr of SCPP's codebook (None: the base lr)
+    added_lr: float | None = None  # lr of SCAP's weights and codebook (None: base lr x ADDED_LR_RATIO)
     seed: int = 0
 
 
@@ -123,23 +135,20 @@ class Accept(TrainableMethod):
         return prompt_prefix_loss(model, batch, self.prompt(), self.added())
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Two groups, as in ACCEPT: mixing weights and codebooks, each with its own learning rate."""
-        weights = [p for n, p in self.named_parameters() if n.endswith("_weight")]
-        books = [p for n, p in self.named_parameters() if n.endswith("_codebook")]
-        return [
-            {
-                "params": weights,
-                "lr": self.config.weight_lr or lr,
-                "weight_decay": weight_decay,
-                "name": "weights",
-            },
-            {
-                "params": books,
-                "lr": self.config.codebook_lr or lr,
-                "weight_decay": weight_decay,
-                "name": "codebooks",
-            },
+        """SCPP (weights, codebook) and SCAP, each group with its own learning rate (module docstring)."""
+        cfg = self.config
+
+        def group(name: str, params: list[nn.Parameter], group_lr: float) -> dict[str, Any]:
+            return {"params": params, "lr": group_lr, "weight_decay": weight_decay, "name": name}
+
+        groups = [
+            group("prompt_weights", [self.prompt_weight], cfg.weight_lr or lr),
+            group("prompt_codebook", [self.prompt_codebook], cfg.codebook_lr or lr),
         ]
+        if self.added_weight is not None and self.added_codebook is not None:
+            added_lr = cfg.added_lr or lr * ADDED_LR_RATIO
+            groups.append(group("added", [self.added_weight, self.added_codebook], added_lr))
+        return groups
 
     def method_config(self) -> dict[str, Any]:
         cfg = self.config

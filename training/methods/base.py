@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from prompt_store import Artifact, Fingerprint, make_artifact
+from prompt_store import RAW_FORMAT, Artifact, Fingerprint, InputFormat, make_artifact
 from training.data import Batch, Tokenized, collate
 
 
@@ -48,12 +48,19 @@ class TrainableMethod(nn.Module):
         raise NotImplementedError
 
     def export(
-        self, task_id: str, base: Fingerprint, dtype: torch.dtype = torch.float32, notes: str = ""
+        self,
+        task_id: str,
+        base: Fingerprint,
+        dtype: torch.dtype = torch.float32,
+        notes: str = "",
+        input_format: InputFormat = RAW_FORMAT,
     ) -> Artifact:
-        """The artifact prompt_store validates and the server serves."""
+        """The artifact prompt_store validates and the server serves; `input_format`: how the training data
+        was formatted (`training.data.Formatter.input_format`), which the server applies to a plain prompt."""
         with torch.no_grad():
             tensors = {k: v.detach().to(dtype) for k, v in self.export_tensors().items()}
-        return make_artifact(task_id, self.method, self.method_config(), tensors, base, notes=notes)
+        cfg = self.method_config()
+        return make_artifact(task_id, self.method, cfg, tensors, base, notes=notes, input_format=input_format)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
