@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from prompt_store import Artifact, SoftPrompt, ValidationError, make_artifact
+from prompt_store import RAW_FORMAT, Artifact, SoftPrompt, ValidationError, make_artifact
 from runtime.model_runner import KV, ModelRunner, layer_kv
 
 GIST_METHOD = "gist_embedding"
@@ -154,9 +154,13 @@ def compress(
     """Compress `instruction` into a `gist` artifact: gist KV [L, Hkv, k, Dh] (stored in `dtype`) and
     next_position = n + k. `gist_embeddings` is a `gist_embedding` or `gist_compressor` artifact, or a
     tensor [k, d]; a compressor runs its LoRA adapter (on a compressor view, built here unless `view` is
-    given) for this call only. `keep` keeps the instruction text in the manifest."""
+    given) for this call only. `keep` keeps the instruction text in the manifest. The gist task reads its
+    input in the format the gists were trained with (the source artifact's `input_format`; raw for a
+    tensor)."""
     notes = ""
+    input_format = RAW_FORMAT
     if isinstance(gist_embeddings, Artifact):
+        input_format = gist_embeddings.manifest.input_format
         _check_method(gist_embeddings)
         notes = f"from {gist_embeddings.task_id}"
         gists = gist_embeddings.tensors["gist_embeddings"]  # [k, d]
@@ -181,4 +185,6 @@ def compress(
         "values": values.to(dtype).contiguous(),  # [L, Hkv, k, Dh]
     }
     config = {"num_gist_tokens": k, "next_position": n + k, "instruction": instruction if keep else ""}
-    return make_artifact(task_id, "gist", config, tensors, runner.fingerprint, notes=notes)
+    return make_artifact(
+        task_id, "gist", config, tensors, runner.fingerprint, notes=notes, input_format=input_format
+    )
