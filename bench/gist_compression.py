@@ -162,6 +162,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> tuple[str, list[
     goals = []
     for split in ("held-out task", "held-out paraphrase"):
         s = summarize(result["rows"], split)
+        if not s:  # --max-evals stopped before this split
+            continue
         neg, pos = s["no instruction"], s["full instruction"]
         lines += [
             f"## {split}s",
@@ -303,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = run(args)
         result["elapsed_s"] = round(time.monotonic() - T0, 1)
-    markdown, goals = report(args, result)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = "gist_compression-quick" if args.quick else "gist_compression"
+    if not args.from_json:  # the run's data first (goals below): a failed report can be redrawn --from-json
+        (out / f"{name}.json").write_text(json.dumps({"name": name, "data": result}, indent=1) + "\n")
+    markdown, goals = report(args, result)
     (out / f"{name}.md").write_text(markdown)
     payload = {
         "name": name,
