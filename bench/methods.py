@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.common.run_log import log, over_budget  # noqa: E402
 from prompt_store import to_bytes, to_serving_form  # noqa: E402
 from training.eval import EvalResult, evaluate, evaluate_gist  # noqa: E402
 from training.loop import TrainConfig  # noqa: E402
@@ -76,10 +77,6 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def mean_tail(losses: list[float], n: int = 5) -> float:
     return sum(losses[-n:]) / len(losses[-n:])
 
@@ -108,11 +105,7 @@ class Bench:
         )
 
     def over_budget(self, what: str) -> bool:
-        if time.monotonic() - self.t0 < self.args.budget_min * 60:
-            return False
-        self.skipped.append(what)
-        log(f"skipping {what}: over the {self.args.budget_min:.0f} min budget")
-        return True
+        return over_budget(self.t0, self.args.budget_min, self.skipped, what)
 
     def add(self, row: Row) -> None:
         self.rows.append(row)

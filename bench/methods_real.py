@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.common.real_data import TASKS, Task, load_task  # noqa: E402
 from bench.common.real_eval import few_shot_text, pick_shots, score_groups, train_lora  # noqa: E402
 from bench.common.real_report import write_outputs  # noqa: E402
+from bench.common.run_log import log, over_budget  # noqa: E402
 from bench.methods import GIST, PLANS  # noqa: E402
 from prompt_store import to_bytes, to_serving_form  # noqa: E402
 from runtime.gist import compress  # noqa: E402
@@ -67,10 +68,6 @@ ORDER = [
     "prefix_tuning",
 ]
 LORA_LR = 5e-4
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 @dataclass
@@ -118,11 +115,7 @@ class Bench:
         write_outputs(self)
 
     def over_budget(self, what: str) -> bool:
-        if time.monotonic() - self.t0 < self.args.budget_min * 60:
-            return False
-        self.skipped.append(what)
-        log(f"skipping {what}: over the {self.args.budget_min:.0f} min budget")
-        return True
+        return over_budget(self.t0, self.args.budget_min, self.skipped, what)
 
     def train_cfg(self, lr: float, seed: int) -> TrainConfig:
         steps = self.args.steps
