@@ -197,3 +197,37 @@ def test_an_accept_delta_lands_on_the_user_text_under_the_recorded_system_prompt
         assert (want - at_start).abs().max() > 1e-2  # the placement matters for this request
         assert got["tokens"] == [int(want.argmax())]
         assert got["logprobs"][0]["logprob"] == pytest.approx(float(want.max()), abs=1e-4)
+
+
+def test_training_under_a_system_prompt_records_it_and_the_server_reads_a_prompt_the_same_way(
+    tmp_path: Path,
+) -> None:
+    from api_helpers import tiny_runner
+
+    from runtime.input_format import task_messages
+    from training.data import Formatter, Record, tokenize
+    from training.loop import TrainConfig
+    from training.model import LoadedModel
+    from training.pipeline import DataSplit, TaskRunConfig, train_task
+
+    system = "Answer in one word."
+    lm = LoadedModel(tiny_runner())
+    records = [Record(TEXT, "positive"), Record("dull film", "negative")]
+    cfg = TrainConfig(steps=1, batch_size=2, progress=False)
+    run_cfg = TaskRunConfig(
+        "prompt_tuning", "sys", cfg, {"num_virtual_tokens": 2}, None, system_prompt=system
+    )
+    run = train_task(lm, DataSplit(records, []), run_cfg)
+    assert run.artifact.manifest.input_format == InputFormat(True, system)
+    trained_ids = list(tokenize(records[:1], lm.tokenizer, None, 512, system)[0].prompt_ids)
+    assert trained_ids == encode_chat(lm.tokenizer, task_messages(TEXT, system))
+    assert trained_ids != encode_chat(lm.tokenizer, USER)  # the system prompt is in what training read
+    with pytest.raises(ValueError, match="system prompt"):
+        Formatter(lm.tokenizer, False, system)
+    with serving(tmp_path) as (client, _):
+        assert upload(client, "sys", artifact_bytes(run.artifact)).status_code == 201
+        as_prompt = generate(client, "sys", prompt=TEXT)
+        assert as_prompt["usage"]["prompt_tokens"] == len(trained_ids)
+        system_chat = [{"role": "system", "content": system}, *USER]
+        same_answer(as_prompt, generate(client, "sys", messages=system_chat))
+        assert client.get("/tasks/sys").json()["input_format"]["system_prompt"] == system

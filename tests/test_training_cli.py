@@ -224,3 +224,60 @@ def test_one_list_of_method_options_for_the_cli_the_jobs_api_and_the_trainers() 
     fields = {f.name for _, cfg in METHODS.values() for f in dataclasses.fields(cfg)}
     for name in TRAINING_OPTIONS:
         assert hasattr(args, name) and name in Hyperparameters.model_fields and name in fields, name
+
+
+def test_cli_trains_a_gist_compressor_that_compress_then_uses(
+    model_dir: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    data = _jsonl(tmp_path / "odd.jsonl")
+    out = tmp_path / "comp"
+    fast = [
+        "--steps",
+        "2",
+        "--num-gist-tokens",
+        "2",
+        "--rank",
+        "2",
+        "--no-progress",
+        "--model",
+        str(model_dir),
+    ]
+    assert cli.main(["compressor", "--data", str(data), "--no-templated", "--out", str(out), *fast]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "gist_compressor" and summary["tasks"] == 1
+    for name in ("artifact.safetensors", "log.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert len(json.loads((out / "log.json").read_text())["losses"]) == 2
+    comp = load(out / "artifact.safetensors")
+    assert comp.manifest.method_config["num_gist_tokens"] == 2 and comp.manifest.method_config["rank"] == 2
+
+    target = tmp_path / "odd-gist.safetensors"
+    args = [
+        "--gist-embeddings",
+        str(out / "artifact.safetensors"),
+        "--instruction",
+        "Say yes for odd numbers.",
+    ]
+    assert (
+        cli.main(["compress", *args, "--task-id", "odd", "--out", str(target), "--model", str(model_dir)])
+        == 0
+    )
+    gist = load(target)
+    assert gist.manifest.method == "gist" and gist.tensors["keys"].shape == (2, 2, 2, 16)
+    assert gist.manifest.notes.startswith("compressed by gist-compressor")
+
+
+def test_cli_compressor_and_system_prompt_refusals_are_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input": "x", "output": "y"}) + "\n")
+    assert cli.main(["compressor", "--data", str(bad), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.jsonl" in err and "instruction" in err and len(err.splitlines()) == 1
+    assert cli.main(["compressor", "--no-templated", "--out", str(tmp_path / "c")]) == 2
+    assert "--no-templated" in capsys.readouterr().err
+    assert cli.main(["compressor", "--steps", "0", "--out", str(tmp_path / "c")]) == 2
+    assert "--steps" in capsys.readouterr().err
+    train = ["train", "--method", "prompt_tuning", "--data", str(bad), "--chat", "off"]
+    assert cli.main([*train, "--system-prompt", "Be brief."]) == 2
+    assert "--system-prompt" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -8,6 +8,7 @@ examples:
       --data training/recipes/sentiment.jsonl --data training/recipes/dates.jsonl
   softserve-train compress --gist-embeddings runs/gist-embeddings-gist/artifact.safetensors \\
       --instruction "Label the review: positive or negative." --task-id sentiment-gist --out gist.safetensors
+  softserve-train compressor --data my_task.jsonl --steps 200
   softserve-train push gist.safetensors --url http://127.0.0.1:8000 --key KEY
   softserve-train push gist.safetensors --store ~/.softserve/store
 """
@@ -40,6 +41,7 @@ from softserve_client import (
     version,
     wants_json,
 )
+from training import compressor_cli
 from training.methods import METHODS
 
 METHOD_OPTIONS = TRAINING_OPTIONS  # the artifact contract's one list (prompt_store.methods)
@@ -47,6 +49,13 @@ METHOD_OPTIONS = TRAINING_OPTIONS  # the artifact contract's one list (prompt_st
 
 def _chat(value: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[value]
+
+
+def _text_arg(value: str | None) -> str | None:
+    """A text option's value, or the contents of FILE for `@FILE`."""
+    if value is None or not value.startswith("@"):
+        return value
+    return Path(value[1:]).read_text()
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +106,12 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--out", default=None, help="output folder (default: runs/<task-id>-<method>)")
     _add_model_args(p)
     _add_data_args(p, multiple=True)
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        help="chat only: the system message to train under (or @FILE); the artifact records it and the "
+        "server applies it to a plain prompt (default: none, the template's own)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=200, help="optimizer steps (%(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (%(default)s)")
@@ -151,6 +166,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from training.model import load_model
     from training.pipeline import TaskRunConfig, load_split, train_task
 
+    if args.system_prompt is not None and args.chat == "off":
+        raise CliError("--system-prompt: needs the chat template (not --chat off)", EXIT_USAGE)
     task_id = args.task_id or (
         "gist-embeddings" if args.method == "gist" else Path(args.data[0]).stem.lower()
     )
@@ -180,6 +197,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out_dir=out,
         resume=args.resume,
         chat=_chat(args.chat),
+        system_prompt=_text_arg(args.system_prompt),
         max_length=args.max_length,
         export_dtype=SUPPORTED_DTYPES[args.export_dtype],
         run_eval=args.eval,
@@ -258,7 +276,9 @@ def _compress_parser(sub: Any) -> None:
         "(method `gist`, next_position = instruction tokens + k).",
     )
     p.add_argument(
-        "--gist-embeddings", required=True, help="gist_embedding artifact from `train --method gist`"
+        "--gist-embeddings",
+        required=True,
+        help="gist_embedding artifact (`train --method gist`) or gist_compressor artifact (`compressor`)",
     )
     p.add_argument("--instruction", required=True, help="instruction text (or @FILE to read it)")
     p.add_argument("--task-id", required=True)
@@ -276,7 +296,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     lm = load_model(args.model, args.dtype, args.device)
     embeddings = load(args.gist_embeddings)
     validate_artifact(embeddings, lm.fingerprint())
-    text = Path(args.instruction[1:]).read_text() if args.instruction.startswith("@") else args.instruction
+    text = _text_arg(args.instruction) or ""
     art = compress(
         lm.model,
         lm.tokenizer,
@@ -381,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_train_parser, _eval_parser, _compress_parser, _push_parser):
         add(sub)
+    compressor_cli.add_parser(sub, _add_model_args)
     return parser
 
 

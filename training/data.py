@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from prompt_store import InputFormat
-from runtime.input_format import user_text_offset
+from runtime.input_format import task_messages, user_text_offset
 
 IGNORE = -100
 
@@ -103,18 +103,21 @@ def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
 class Formatter:
     """Turns text into the exact token ids the server would build, plus the training target."""
 
-    def __init__(self, tokenizer: Any, chat: bool | None = None) -> None:
+    def __init__(self, tokenizer: Any, chat: bool | None = None, system_prompt: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.chat = has_chat_template(tokenizer) if chat is None else chat
         if self.chat and not has_chat_template(tokenizer):
             raise ValueError("chat formatting was requested but the tokenizer has no chat template")
+        if system_prompt is not None and not self.chat:
+            raise ValueError("a system prompt needs the chat template (raw text has no system message)")
+        self.system_prompt = system_prompt
         self.special_ids = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
 
     @property
     def input_format(self) -> InputFormat:
-        """What an artifact trained on these ids records: the chat template (no system message of its own:
-        the template's default) or the raw text."""
-        return InputFormat(chat_template=self.chat)
+        """What an artifact trained on these ids records: the chat template with its system prompt (None: no
+        system message, the template's default) or the raw text."""
+        return InputFormat(chat_template=self.chat, system_prompt=self.system_prompt)
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         text: str = self.tokenizer.apply_chat_template(
@@ -125,14 +128,14 @@ class Formatter:
     def prompt_ids(self, text: str) -> list[int]:
         """The request: a chat user turn + generation prompt, or the plain prompt (server semantics)."""
         if self.chat:
-            return _ids(self.tokenizer, self._render([{"role": "user", "content": text}], True), False)
+            return _ids(self.tokenizer, self._render(task_messages(text, self.system_prompt), True), False)
         return _ids(self.tokenizer, text, True)
 
     def target_ids(self, text: str, output: str) -> list[int]:
         """The answer tokens up to and including the end-of-turn / EOS token."""
         eos = self.tokenizer.eos_token_id
         if self.chat:
-            user = [{"role": "user", "content": text}]
+            user = task_messages(text, self.system_prompt)
             prompt = self._render(user, True)
             full = self._render([*user, {"role": "assistant", "content": output}], False)
             if full.startswith(prompt):
@@ -154,10 +157,14 @@ class Formatter:
 
 
 def tokenize(
-    records: Iterable[Record], tokenizer: Any, chat: bool | None = None, max_length: int = 512
+    records: Iterable[Record],
+    tokenizer: Any,
+    chat: bool | None = None,
+    max_length: int = 512,
+    system_prompt: str | None = None,
 ) -> list[Tokenized]:
     """Tokenise records; rows longer than max_length (instruction + prompt + target) are dropped."""
-    fmt = Formatter(tokenizer, chat)
+    fmt = Formatter(tokenizer, chat, system_prompt)
     out = []
     for rec in records:
         prompt_ids = fmt.prompt_ids(rec.input)
@@ -165,7 +172,8 @@ def tokenize(
             prompt_ids=tuple(prompt_ids),
             target_ids=tuple(fmt.target_ids(rec.input, rec.output)),
             instruction_ids=tuple(fmt.instruction_ids(rec.instruction)) if rec.instruction else (),
-            added_at=user_text_offset(tokenizer, prompt_ids),  # the server's offset for the same ids
+            # the server's offset for the same ids
+            added_at=user_text_offset(tokenizer, prompt_ids, system_prompt),
         )
         if len(row.instruction_ids) + len(row.prompt_ids) + len(row.target_ids) <= max_length:
             out.append(row)

@@ -119,6 +119,7 @@ def evaluate(
     prompt: SoftPrompt | None = None,
     *,
     chat: bool | None = None,
+    system_prompt: str | None = None,
     with_instruction: bool = False,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
@@ -127,7 +128,7 @@ def evaluate(
 
     with_instruction writes each record's instruction into the request (the gist positive control).
     """
-    fmt = Formatter(tokenizer, chat)
+    fmt = Formatter(tokenizer, chat, system_prompt)
     texts = [fmt.with_instruction(r.instruction, r.input) if with_instruction else r.input for r in records]
     ids = [fmt.prompt_ids(t) for t in texts]
     new = max_new_tokens or default_max_new_tokens(tokenizer, records)
@@ -142,13 +143,14 @@ def evaluate_gist(
     records: Sequence[Record],
     *,
     chat: bool | None = None,
+    system_prompt: str | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
     model_name: str = "",
 ) -> dict[str, EvalResult]:
     """Gist (each instruction compressed, served from its `gist` artifact) and the two controls."""
     new = max_new_tokens or default_max_new_tokens(tokenizer, records)
-    fmt = Formatter(tokenizer, chat)
+    fmt = Formatter(tokenizer, chat, system_prompt)
     runner = runner_for(model, tokenizer, model_name)
     preds = [""] * len(records)
     for instruction in sorted({r.instruction for r in records}):
@@ -159,7 +161,8 @@ def evaluate_gist(
             rows, predict(runner, tokenizer, ids, to_serving_form(art), new, batch_size), strict=True
         ):
             preds[i] = p
-    kw: dict[str, Any] = {"chat": chat, "max_new_tokens": new, "batch_size": batch_size}
+    kw: dict[str, Any] = {"chat": chat, "system_prompt": system_prompt, "max_new_tokens": new}
+    kw["batch_size"] = batch_size
     return {
         "gist": score(preds, [r.output for r in records], [r.input for r in records]),
         "positive_control": evaluate(runner, tokenizer, records, None, with_instruction=True, **kw),
@@ -184,6 +187,8 @@ def evaluate_artifact(
         return evaluate_gist(runner, tokenizer, artifact, records, model_name=model_name, **kwargs)
     if kwargs.get("chat") is None:  # evaluated in the input format the server applies to its prompts
         kwargs["chat"] = artifact.manifest.input_format.chat_template
+        if kwargs["chat"] and kwargs.get("system_prompt") is None:
+            kwargs["system_prompt"] = artifact.manifest.input_format.system_prompt
     out = {"after": evaluate(runner, tokenizer, records, to_serving_form(artifact), **kwargs)}
     if baseline:
         out["before"] = evaluate(runner, tokenizer, records, None, **kwargs)

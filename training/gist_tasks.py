@@ -57,11 +57,14 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 @dataclass(frozen=True)
 class GistTask:
     name: str
-    instructions: tuple[str, ...]  # >= 3 paraphrases; the last is held out
+    instructions: tuple[str, ...]  # >= 3 paraphrases; the last is held out (unless hold_out_last is False)
     examples: tuple[tuple[str, str], ...]  # (input, target)
+    hold_out_last: bool = True  # False: every paraphrase is trained on (a user's own task files)
 
     @property
     def train_instructions(self) -> tuple[str, ...]:
+        if not self.hold_out_last or len(self.instructions) < 2:
+            return self.instructions
         return self.instructions[:-1]
 
     @property

@@ -65,6 +65,7 @@ class TaskRunConfig:
     out_dir: str | Path | None = None
     resume: bool = False
     chat: bool | None = None  # None: the chat template when the tokenizer has one; False: raw text
+    system_prompt: str | None = None  # chat only: the system message trained under (None: the template's)
     max_length: int = 512
     export_dtype: torch.dtype = torch.float32
     run_eval: bool = False
@@ -76,7 +77,8 @@ class TaskRunConfig:
 def train_task(lm: LoadedModel, data: DataSplit, cfg: TaskRunConfig) -> TaskRun:
     """Train one method on one task; saves `artifact.safetensors` (+ log, loss curve, eval) under out_dir."""
     chat, out_dir = cfg.chat, cfg.out_dir
-    examples = tokenize(data.train, lm.tokenizer, chat=chat, max_length=cfg.max_length)
+    fmt = Formatter(lm.tokenizer, chat, cfg.system_prompt)  # checked before any work
+    examples = tokenize(data.train, lm.tokenizer, chat, cfg.max_length, cfg.system_prompt)
     method = build(cfg.method_name, lm.model, lm.tokenizer, **cfg.method_options)
     pad = pad_token_id(lm.tokenizer)
     result = train(method, lm.model, examples, cfg.train_cfg, pad, out_dir, cfg.resume, cfg.on_step)
@@ -86,7 +88,7 @@ def train_task(lm: LoadedModel, data: DataSplit, cfg: TaskRunConfig) -> TaskRun:
         base,
         dtype=cfg.export_dtype,
         notes=f"trained by softserve-train ({cfg.method_name})",
-        input_format=Formatter(lm.tokenizer, chat).input_format,  # the format `tokenize` trained on
+        input_format=fmt.input_format,  # the format `tokenize` trained on
     )
     validate_artifact(artifact, base)
     run = TaskRun(method=method, artifact=artifact, result=result, data=data)
@@ -100,7 +102,8 @@ def train_task(lm: LoadedModel, data: DataSplit, cfg: TaskRunConfig) -> TaskRun:
             lm.tokenizer,
             artifact,
             data.eval,
-            chat=chat,
+            chat=fmt.chat,
+            system_prompt=cfg.system_prompt,
             max_new_tokens=cfg.max_new_tokens,
             model_name=lm.name,
         )

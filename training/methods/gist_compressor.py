@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from prompt_store import Artifact, make_artifact
 from runtime.gist import COMPRESSOR_METHOD, compressor_view, gist_kv_forward, instruction_ids, lora_tensors
@@ -167,14 +168,19 @@ class GistCompressor(nn.Module):
 
 
 def train_compressor(
-    runner: ModelRunner, tasks: Sequence[GistTask], config: CompressorConfig, log: Any = None
+    runner: ModelRunner,
+    tasks: Sequence[GistTask],
+    config: CompressorConfig,
+    log: Any = None,
+    progress: bool = False,
 ) -> tuple[GistCompressor, list[float]]:
     """Train on `tasks` (their training paraphrases and training examples only); returns (compressor,
-    per-step losses)."""
+    per-step losses). `progress` shows a progress bar with the running loss."""
     comp = GistCompressor(runner, config)
     opt = torch.optim.AdamW(comp.trainable(), lr=config.lr, weight_decay=0.0)
     rng = random.Random(config.seed)
-    losses = []
+    losses: list[float] = []
+    bar = tqdm(total=config.steps, desc="gist_compressor", disable=not progress)
     for step in range(config.steps):
         opt.zero_grad()
         total = 0.0
@@ -187,6 +193,9 @@ def train_compressor(
         torch.nn.utils.clip_grad_norm_(comp.trainable(), 1.0)
         opt.step()
         losses.append(total)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
         if log is not None and (step % 25 == 0 or step == config.steps - 1):
             log(f"step {step}: loss {total:.3f}")
+    bar.close()
     return comp, losses
