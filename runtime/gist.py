@@ -48,7 +48,7 @@ def compressor_view(
     """
     try:
         from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:  # a dev/training dependency (pyproject's dev extra), not in the runtime lock yet
+    except ImportError:  # in the runtime lock; only a hand-made install can lack it
         raise ValidationError(
             "gist_compressor artifacts need the peft package on this server (pip install peft==0.21.2)",
             field="compressor",
