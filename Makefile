@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install lock test lint format serve bench redis docker-check docker-e2e gpu-check clean
+.PHONY: install lock test lint format serve bench bench-methods redis docker-check docker-e2e gpu-check clean
 
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
@@ -65,6 +65,14 @@ bench: $(STAMP)
 		HF_HUB_OFFLINE=1 $(BIN)/python bench/$$b.py $(BENCH_ARGS) || exit 1; \
 	done
 	$(BIN)/python bench/summary.py --readme
+
+# Training quality on real data (issue 14): every method against zero-shot, 4-shot and LoRA on four tasks
+# (~90 min on 2 CPU cores, trimmed; BENCH_ARGS="--device cuda" runs the full grid), then gist compression of
+# unseen instructions (~30 min trimmed). Writes bench/results/methods_real.* and gist_compression.*.
+GIST_ARGS ?= --ks 1,4 --steps 150 --eval-n 6 --eval-n-seen 2 --paraphrases 2
+bench-methods: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/methods_real.py $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gist_compression.py $(GIST_ARGS) $(BENCH_ARGS)
 
 # Every method's exactness (mixed batch vs alone vs a float32 full recompute) on a tiny Llama and SmolLM2, and
 # mixed-batch tokens/s vs HF generate: bf16 with a tolerance on CUDA, exact float32 on CPU. Writes

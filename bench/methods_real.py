@@ -8,10 +8,10 @@ Scores: exact match after normalisation (greedy, the artifact's serving form thr
 classification, label log-likelihood accuracy; mean ± std over seeds; trainable parameters and artifact bytes.
 
 Writes bench/results/methods_real.{md,json,png} (rewritten after every cell; --budget-min skips the rest).
-The defaults (3 seeds, 30 steps, 100 test items) need a GPU or an idle machine: on the shared 2-core CPU
-host one training run + scoring took 2-5 min, so the recorded run was trimmed to 1 seed, 20 steps of 4,
-60 test items, 42 min (its md says what ran). `--quick` is a plumbing check (1 seed, 2 steps, 8 items);
-`--device cuda --steps 300 --test-size 300` runs the full grid (all test items) on a GPU.
+Defaults by device (each flag overrides): on CPU the grid is trimmed to fit 90 min on 2 cores (20 steps of
+4, 50 test items per task, 3 seeds, budget 88 min: the recorded run); on CUDA (`--device cuda`, or
+`make bench-methods BENCH_ARGS="--device cuda"`) the full grid: 300 steps of 8, 300 test items, 3 seeds.
+`--quick` is a plumbing check (1 seed, 2 steps, 8 items).
 """
 
 from __future__ import annotations
@@ -175,12 +175,12 @@ def run_task_seed(bench: Bench, task: Task, seed: int, wanted: set[str]) -> None
     """Every wanted row of one task and seed, in ORDER (the headline comparisons first)."""
     soft = {s[0]: s for s in SOFT}
     for row in ORDER:
-        if row not in wanted or row == "gist" or bench.over_budget(f"{task.name}/{row}/seed {seed}"):
+        once = row == "zero-shot" and seed != bench.args.seeds[0]  # deterministic: run on the first seed only
+        if row not in wanted or row == "gist" or once or bench.over_budget(f"{task.name}/{row}/seed {seed}"):
             continue
         if row == "zero-shot":
-            if seed == bench.args.seeds[0]:  # deterministic: one run
-                texts = [f"{r.instruction}\n\n{r.input}" for r in task.test]
-                bench.record(task.name, row, [(None, texts, task.test)])
+            texts = [f"{r.instruction}\n\n{r.input}" for r in task.test]
+            bench.record(task.name, row, [(None, texts, task.test)])
         elif row == "4-shot":
             shots = pick_shots(task.train, task.labels, 4, seed)
             texts = [few_shot_text(r.instruction, shots, r.input) for r in task.test]
@@ -196,23 +196,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated (%(default)s)")
     p.add_argument("--methods", default="all", help=f"comma-separated subset of: {'; '.join(ROWS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (%(default)s)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per training run (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (CPU 20, CUDA 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (CPU 4, CUDA 8)")
     p.add_argument("--train-size", type=int, default=2000, help="train records per task, at most")
-    p.add_argument("--test-size", type=int, default=100, help="test records scored per task, at most")
-    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--test-size", type=int, default=None, help="test records per task (CPU 50, CUDA 300)")
+    p.add_argument("--eval-batch-size", type=int, default=50)
     p.add_argument("--max-new", type=int, default=8, help="greedy tokens per answer (%(default)s)")
-    p.add_argument("--budget-min", type=float, default=40.0, help="skip remaining runs after this")
+    p.add_argument("--budget-min", type=float, default=None, help="skip later runs after this (CPU 88)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch threads (%(default)s: best on a shared host)"
-    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads (%(default)s; 1 on a shared host)")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 steps, 8 test items: plumbing only")
     p.add_argument("--out", default=None, help="markdown path (default bench/results/methods_real.md)")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    gpu = args.device.startswith("cuda")
+    defaults = {"steps": (20, 300), "batch_size": (4, 8), "test_size": (50, 300), "budget_min": (88.0, 600.0)}
+    for name, (cpu_value, gpu_value) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_value if gpu else cpu_value)
     if args.quick:
         args.seeds, args.steps, args.test_size, args.train_size, args.batch_size = [0], 2, 8, 64, 2
         args.max_new = 4
