@@ -94,23 +94,12 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 1000):  # type: ignore[no-untyped-def]
-    """hidden 64, 2 layers, GQA (4 heads, 2 kv heads), deterministic weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """hidden 64, 2 layers, GQA (4 heads, 2 kv heads), deterministic weights (bench/common/tiny.py's model,
+    512 positions, token ids 0/1/2 for pad/bos/eos)."""
+    from bench.common.tiny import tiny_llama as bench_tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    return bench_tiny_llama(vocab_size, seed, max_position_embeddings=512, **ids)
 
 
 @pytest.fixture(scope="session")
