@@ -23,8 +23,6 @@ from prompt_store import save, to_bytes
 from training.data import load_jsonl
 from training.gist_tasks import GistTask, build_tasks
 
-ARTIFACT_NAME = "artifact.safetensors"
-
 
 def add_parser(sub: Any, add_model_args: Any) -> None:
     p = sub.add_parser(
@@ -85,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from training.loop import plot_losses
     from training.methods.gist_compressor import CompressorConfig, train_compressor
     from training.model import load_model
+    from training.pipeline import ARTIFACT_NAME
 
     if not args.no_templated:
         texts = [x for t in tasks for x, _ in t.examples]
@@ -109,9 +108,11 @@ def run(args: argparse.Namespace) -> int:
     artifact = comp.to_artifact(lm.runner, args.task_id, notes=f"{len(tasks)} tasks, {args.steps} steps")
     out.mkdir(parents=True, exist_ok=True)
     path = save(artifact, out / ARTIFACT_NAME)
-    log: dict[str, Any] = {"config": cfg.method_config() | {"lr": cfg.lr, "steps": cfg.steps}}
-    log["config"]["distill"] = cfg.distill
-    log |= {"tasks": {t.name: len(t.train_instructions) for t in tasks}, "losses": losses}
+    log = {
+        "config": cfg.method_config() | {"lr": cfg.lr, "steps": cfg.steps, "distill": cfg.distill},
+        "tasks": {t.name: len(t.train_instructions) for t in tasks},
+        "losses": losses,
+    }
     (out / "log.json").write_text(json.dumps(log, indent=1))
     plot_losses(losses, out / "loss.png", f"gist_compressor k={cfg.num_gist_tokens}")
     summary = {
